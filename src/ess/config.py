@@ -1,0 +1,96 @@
+"""Dataclass configs: what an ESS model is, and how it is trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+"""Version of the checkpoint layout written by `ESSModel.save_pretrained`."""
+
+
+@dataclass
+class ESSConfig:
+    """Everything that defines an ESS model on top of its base LM; saved as `ess_config.json`."""
+
+    base_model: str
+    """The base LM: a registered name (`smollm2-135m-instruct`), a local folder or a hub id."""
+    cls_token: str = "[CLS]"
+    """Text of the added special token; it is never produced by tokenizing user text."""
+    cls_token_id: int = -1
+    """Id of `[CLS]` in the saved tokenizer; set when the model is built."""
+    num_labels: int = 2
+    """Classes of the head: 0 = benign, 1 = malicious."""
+    threshold: float = 0.5
+    """`p_malicious` at or above this is a malicious verdict."""
+    lambda_pretrain: float = 0.01
+    """λ1: weight of the [CLS] loss in the pretraining phase (METHOD.md §4)."""
+    lambda_align: float = 0.1
+    """λ2: weight of the [CLS] loss in the alignment phase (METHOD.md §4)."""
+    adapter: str = "lora"
+    """`lora` (a peft adapter on the base's linear layers) or `full` (all weights trained)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout; 0 keeps training deterministic for exact resume."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """peft target modules; `all-linear` adapts every linear layer of the base except the LM head."""
+    version: int = FORMAT_VERSION
+    """Checkpoint layout version."""
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ESSConfig":
+        data: dict[str, Any] = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown ESS config fields {sorted(unknown)} (written by a newer ess?)")
+        return cls(**data)
+
+
+@dataclass
+class TrainConfig:
+    """How `ess train` trains; every field is also a command-line flag."""
+
+    out: str
+    """Run folder: checkpoints, the final model (`OUT/final`) and `train_log.jsonl`."""
+    phase: str = "both"
+    """`pretrain`, `align` or `both` (pretraining phase first, then alignment, as in the paper)."""
+    full: bool = False
+    """Full fine-tuning instead of LoRA."""
+    lr: float = 2e-4
+    """Peak learning rate (linear warm-up, then linear decay). LoRA wants ~1e-4..3e-4; full ~2e-5."""
+    head_lr: float = 2e-3
+    """Learning rate of the [CLS] row and the head, which start from scratch."""
+    batch_size: int = 8
+    """Sequences per optimiser step and process."""
+    epochs: float = 2.0
+    """Passes over each phase's data (ignored where `max_steps` is set)."""
+    max_steps: int | None = None
+    """Stop each phase after this many optimiser steps."""
+    max_length: int = 256
+    """Longest tokenized sequence; longer alignment examples lose the end of the response."""
+    warmup_ratio: float = 0.05
+    """Share of steps spent warming up the learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    save_every: int = 25
+    """Write a resumable checkpoint every N steps (and at the end of each phase)."""
+    seed: int = 0
+    """Seed of data order and initialisation."""
+    lambda_cls: float | None = None
+    """Overrides λ of the [CLS] loss for the phase being trained (default: the ESS config's λ1/λ2)."""
+    pretrain_data: list[str] = field(default_factory=lambda: ["seed"])
+    """Sources of the pretraining-phase corpus (see `ess.data.corpus`)."""
+    data: list[str] = field(default_factory=lambda: ["seed"])
+    """Sources of the alignment-phase examples (`seed`, files or hub ids)."""
+    examples: int | None = None
+    """Size of the alignment mixture (50/50 benign/malicious); default: all the malicious data, balanced."""

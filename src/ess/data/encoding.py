@@ -1,0 +1,134 @@
+"""Examples -> token ids + token roles: the one place where [CLS] is put in front of a sequence.
+
+A chat example becomes `[CLS] + query + response`: the query is the chat template applied to the
+messages with the generation prompt (system and user turns, template tokens included), the
+response is what the template adds after it for the assistant turn (its end-of-turn token
+included, so that the model learns to stop). Plain text (the pretraining phase) becomes
+`[CLS] + text`, with the tokenizer's usual BOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import Role
+from .schema import LABELS, Example
+
+# For base models without a chat template (e.g. Llama-2 base): a plain, documented format.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### User:\n{{ m['content'] }}\n\n"
+    "{% else %}### Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+@dataclass
+class Encoded:
+    """One tokenized sequence with the role of each token."""
+
+    ids: list[int]
+    roles: list[int]
+    label: int
+    """Class of the query (0 benign, 1 malicious)."""
+    lm_target: list[bool]
+    """Whether the token at each position is an LM target (its logits come from the position before)."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    roles: torch.Tensor
+    lm_targets: torch.Tensor
+    """[b, n]: the token to predict at each position, -100 where there is no LM loss."""
+    cls_labels: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.roles, self.lm_targets, self.cls_labels)))
+
+
+class ChatEncoder:
+    def __init__(self, tokenizer, cls_token_id: int, cls_token: str = "[CLS]", max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.cls_token_id = cls_token_id
+        self.cls_token = cls_token
+        self.max_length = max_length
+        if tokenizer.pad_token_id is not None:
+            self.pad_id = tokenizer.pad_token_id
+        else:
+            self.pad_id = tokenizer.eos_token_id or 0
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of text that may contain the literal string "[CLS]" without ever producing the
+        [CLS] id: user text must not be able to inject a second safety token."""
+        pieces = text.split(self.cls_token)
+        literal = self.tokenizer(self.cls_token, add_special_tokens=False, split_special_tokens=True).input_ids
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i:
+                ids += literal
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return ids
+
+    def render_query(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def query_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The query as the model sees it before answering (chat template + generation prompt)."""
+        return self.tokenize(self.render_query(messages))
+
+    def response_ids(self, messages: list[dict[str, str]], response: str) -> list[int]:
+        query = self.render_query(messages)
+        full = self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        tail = full[len(query):] if full.startswith(query) else response + (self.tokenizer.eos_token or "")
+        return self.tokenize(tail)
+
+    def _finish(self, ids: list[int], roles: list[int], label: int, lm_target: list[bool]) -> Encoded:
+        if self.max_length is not None:
+            ids, roles, lm_target = ids[: self.max_length], roles[: self.max_length], lm_target[: self.max_length]
+        return Encoded(ids=ids, roles=roles, label=label, lm_target=lm_target)
+
+    def encode_example(self, example: Example) -> Encoded:
+        """[CLS] + query + response; LM targets are the response tokens (alignment phase)."""
+        query = self.query_ids(example.query)
+        response = self.response_ids(example.query, example.response) if example.response else []
+        ids = [self.cls_token_id] + query + response
+        roles = [Role.CLS] + [Role.QUERY] * len(query) + [Role.RESPONSE] * len(response)
+        lm_target = [False] * (1 + len(query)) + [True] * len(response)
+        return self._finish(ids, [int(r) for r in roles], LABELS.index(example.label), lm_target)
+
+    def encode_text(self, text: str, label: str) -> Encoded:
+        """[CLS] + plain text (pretraining phase): every text token but the first is an LM target."""
+        body = self.tokenizer(text, add_special_tokens=True).input_ids
+        if self.cls_token_id in body:
+            bos = [body[0]] if body and body[0] == self.tokenizer.bos_token_id else []
+            body = bos + self.tokenize(text)
+        ids = [self.cls_token_id] + body
+        roles = [int(Role.CLS)] + [int(Role.RESPONSE)] * len(body)
+        lm_target = [False, False] + [True] * (len(body) - 1)
+        return self._finish(ids, roles, LABELS.index(label), lm_target[: len(ids)])
+
+    def collate(self, items: list[Encoded]) -> Batch:
+        """Right-pad a list of sequences into a batch (roles mark the padding)."""
+        width = max(len(item.ids) for item in items)
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        roles = torch.full((len(items), width), int(Role.PAD), dtype=torch.long)
+        lm_targets = torch.full((len(items), width), -100, dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item.ids)
+            input_ids[row, :n] = torch.tensor(item.ids)
+            roles[row, :n] = torch.tensor(item.roles)
+            target = torch.tensor(item.lm_target)
+            # The logits at position t predict token t+1.
+            lm_targets[row, : n - 1] = torch.where(target[1:], input_ids[row, 1:n], torch.full_like(input_ids[row, 1:n], -100))
+        cls_labels = torch.tensor([item.label for item in items], dtype=torch.long)
+        return Batch(input_ids, roles, lm_targets, cls_labels)

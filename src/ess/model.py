@@ -1,0 +1,219 @@
+"""The ESS model: a causal LM, one extra [CLS] embedding row and a benign/malicious head.
+
+Reading order: `ESSModel.forward` embeds the tokens (the [CLS] row substituted where the role
+says CLS), builds the 4D mask from the token roles (`ess.masks`), runs the base decoder once, and
+reads the head off the [CLS] hidden state. LM logits are computed only where they are needed.
+
+Checkpoint layout (`save_pretrained`), safetensors only:
+    ess_config.json          ESSConfig: base reference, [CLS] id, λ, adapter kind, version
+    ess_head.safetensors     cls_embedding [hidden], head.weight [2, hidden], head.bias [2]
+    adapter/                 peft LoRA adapter (adapter kind `lora`), or
+    model/                   the full fine-tuned LM (adapter kind `full`)
+    tokenizer files          the base tokenizer with [CLS] added as a special token
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ESSConfig
+from .hub import ModelNotFound, resolve_base
+from .masks import Phase, Role, additive_mask, attention_allowed, position_ids
+
+HEAD_FILE = "ess_head.safetensors"
+CONFIG_FILE = "ess_config.json"
+
+
+@dataclass
+class ESSOutput:
+    hidden_states: torch.Tensor
+    """Last hidden states [b, n, hidden] (after the base's final norm)."""
+    cls_logits: torch.Tensor
+    """Head logits [b, 2] of the first [CLS] of each row."""
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    cls_loss: torch.Tensor | None = None
+
+    @property
+    def p_malicious(self) -> torch.Tensor:
+        return self.cls_logits.float().softmax(-1)[:, 1]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(reference: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+    """Load a base LM and its tokenizer from a registered name, folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_base(reference)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    except OSError as error:
+        raise ModelNotFound(f"{reference}: {error}") from error
+    return lm, tokenizer
+
+
+class ESSModel(nn.Module):
+    def __init__(self, lm: nn.Module, tokenizer, config: ESSConfig, head_state: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.config = config
+        base = self.base_lm
+        hidden = base.config.hidden_size
+        embeddings = base.get_input_embeddings().weight
+        self.vocab_rows = embeddings.shape[0]
+        # A new token's row starts at the mean of the vocabulary's rows: inside the distribution
+        # the first layer was trained on, with no bias toward any one token (transformers does the
+        # same for tokens added by resize_token_embeddings).
+        self.cls_embedding = nn.Parameter(embeddings.detach().float().mean(0).to(embeddings.dtype).clone())
+        self.head = nn.Linear(hidden, config.num_labels, dtype=embeddings.dtype)
+        if head_state is not None:
+            self.cls_embedding.data.copy_(head_state["cls_embedding"])
+            self.head.load_state_dict({"weight": head_state["head.weight"], "bias": head_state["head.bias"]})
+
+    # ---- construction and persistence -------------------------------------------------------
+
+    @classmethod
+    def from_base(cls, base: str, adapter: str = "lora", dtype: torch.dtype | None = None, **config_fields) -> "ESSModel":
+        """A fresh ESS model over a base LM (`adapter`: `lora` or `full`)."""
+        lm, tokenizer = load_causal_lm(base, dtype)
+        config = ESSConfig(base_model=base, adapter=adapter, **config_fields)
+        tokenizer.add_tokens([config.cls_token], special_tokens=True)
+        config.cls_token_id = tokenizer.convert_tokens_to_ids(config.cls_token)
+        if adapter == "lora":
+            lm = _add_lora(lm, config)
+        elif adapter != "full":
+            raise ValueError(f"unknown adapter {adapter!r}: expected lora or full")
+        return cls(lm, tokenizer, config).to(lm.device)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None, trainable: bool = False) -> "ESSModel":
+        """Load a checkpoint written by `save_pretrained`."""
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).exists():
+            raise ModelNotFound(f"{folder}: not an ESS checkpoint (no {CONFIG_FILE})")
+        config = ESSConfig.load(folder / CONFIG_FILE)
+        if config.adapter == "full":
+            lm, _ = load_causal_lm(str(folder / "model"), dtype)
+        else:
+            from peft import PeftModel
+
+            lm, _ = load_causal_lm(config.base_model, dtype)
+            lm = PeftModel.from_pretrained(lm, folder / "adapter", is_trainable=trainable)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        head_state = load_file(folder / HEAD_FILE)
+        return cls(lm, tokenizer, config, head_state).to(lm.device)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / CONFIG_FILE)
+        save_file(self.head_state(), folder / HEAD_FILE)
+        if self.config.adapter == "lora":
+            self.lm.save_pretrained(folder / "adapter")
+        else:
+            self.lm.save_pretrained(folder / "model")
+            self.tokenizer.save_pretrained(folder / "model")
+        self.tokenizer.save_pretrained(folder)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "cls_embedding": self.cls_embedding.detach().contiguous().cpu(),
+            "head.weight": self.head.weight.detach().contiguous().cpu(),
+            "head.bias": self.head.bias.detach().contiguous().cpu(),
+        }
+
+    # ---- the parts of the base LM ------------------------------------------------------------
+
+    @property
+    def base_lm(self):
+        """The causal LM (LoRA layers injected, if any) without the peft wrapper."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    @property
+    def decoder(self):
+        return self.base_lm.get_decoder()
+
+    @property
+    def device(self) -> torch.device:
+        return self.cls_embedding.device
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base_lm.get_output_embeddings()(hidden)
+
+    def embed(self, input_ids: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the [CLS] row wherever the role is CLS."""
+        # The [CLS] id may lie past the embedding matrix (it is never looked up there).
+        safe_ids = input_ids.clamp(max=self.vocab_rows - 1)
+        embeds = self.base_lm.get_input_embeddings()(safe_ids)
+        is_cls = (roles == Role.CLS)[..., None]
+        return torch.where(is_cls, self.cls_embedding.to(embeds.dtype), embeds)
+
+    # ---- the forward pass --------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        roles: torch.Tensor,
+        phase: str = Phase.ALIGN,
+        lm_targets: torch.Tensor | None = None,
+        cls_labels: torch.Tensor | None = None,
+        lambda_cls: float | None = None,
+    ) -> ESSOutput:
+        """One pass over [CLS] + text with the attention rules of `phase`.
+
+        `lm_targets` [b, n] holds, at each position, the token to predict there (-100 where no LM
+        loss applies); `cls_labels` [b] the class of each row. With either, the loss is
+        `L_lm + λ·L_cls`, λ being `lambda_cls` or the phase's λ of the config.
+        """
+        embeds = self.embed(input_ids, roles)
+        mask = additive_mask(attention_allowed(roles, roles, phase), embeds.dtype)
+        hidden = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(roles), use_cache=False
+        ).last_hidden_state
+        first_cls = (roles == Role.CLS).float().argmax(dim=1)
+        cls_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_cls]
+        out = ESSOutput(hidden_states=hidden, cls_logits=self.head(cls_hidden))
+        if lm_targets is None and cls_labels is None:
+            return out
+
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        if lm_targets is not None and (lm_targets != -100).any():
+            where = lm_targets != -100
+            logits = self.lm_logits(hidden[where]).float()
+            out.lm_loss = F.cross_entropy(logits, lm_targets[where])
+        else:
+            # Keeps every LM parameter in the graph, so that DDP sees the same set on each process.
+            out.lm_loss = zero + 0.0 * hidden.sum()
+        out.cls_loss = F.cross_entropy(out.cls_logits.float(), cls_labels) if cls_labels is not None else zero
+        if lambda_cls is None:
+            lambda_cls = self.config.lambda_pretrain if phase == Phase.PRETRAIN else self.config.lambda_align
+        out.loss = out.lm_loss + lambda_cls * out.cls_loss
+        return out
+
+
+def _add_lora(lm, config: ESSConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        bias="none",
+    )
+    return get_peft_model(lm, lora)
