@@ -4,7 +4,7 @@ A chat example becomes `[CLS] + query + response`: the query is the chat templat
 messages with the generation prompt (system and user turns, template tokens included), the
 response is what the template adds after it for the assistant turn (its end-of-turn token
 included, so that the model learns to stop). Plain text (the pretraining phase) becomes
-`[CLS] + text`, with the tokenizer's usual BOS.
+`[CLS] + text`.
 """
 
 from __future__ import annotations
@@ -97,24 +97,31 @@ class ChatEncoder:
             ids, roles, lm_target = ids[: self.max_length], roles[: self.max_length], lm_target[: self.max_length]
         return Encoded(ids=ids, roles=roles, label=label, lm_target=lm_target)
 
+    def encode_query(self, messages: list[dict[str, str]], label: int = 0) -> Encoded:
+        """[CLS] + query: what the head classifies before the first response token."""
+        query = self.query_ids(messages)
+        ids = [self.cls_token_id] + query
+        roles = [int(Role.CLS)] + [int(Role.QUERY)] * len(query)
+        return self._finish(ids, roles, label, [False] * len(ids))
+
     def encode_example(self, example: Example) -> Encoded:
         """[CLS] + query + response; LM targets are the response tokens (alignment phase)."""
-        query = self.query_ids(example.query)
+        head = self.encode_query(example.query, LABELS.index(example.label))
         response = self.response_ids(example.query, example.response) if example.response else []
-        ids = [self.cls_token_id] + query + response
-        roles = [Role.CLS] + [Role.QUERY] * len(query) + [Role.RESPONSE] * len(response)
-        lm_target = [False] * (1 + len(query)) + [True] * len(response)
-        return self._finish(ids, [int(r) for r in roles], LABELS.index(example.label), lm_target)
+        return self._finish(
+            head.ids + response,
+            head.roles + [int(Role.RESPONSE)] * len(response),
+            head.label,
+            head.lm_target + [True] * len(response),
+        )
 
-    def encode_text(self, text: str, label: str) -> Encoded:
-        """[CLS] + plain text (pretraining phase): every text token but the first is an LM target."""
-        body = self.tokenizer(text, add_special_tokens=True).input_ids
-        if self.cls_token_id in body:
-            bos = [body[0]] if body and body[0] == self.tokenizer.bos_token_id else []
-            body = bos + self.tokenize(text)
+    def encode_text(self, text: str, label: str, lm_loss: bool = True) -> Encoded:
+        """[CLS] + plain text (pretraining phase). With `lm_loss`, every text token after the first
+        is an LM target. No BOS: [CLS] reads the same kind of span it reads at generation time."""
+        body = self.tokenize(text)
         ids = [self.cls_token_id] + body
         roles = [int(Role.CLS)] + [int(Role.RESPONSE)] * len(body)
-        lm_target = [False, False] + [True] * (len(body) - 1)
+        lm_target = [False, False] + [lm_loss] * (len(body) - 1)
         return self._finish(ids, roles, LABELS.index(label), lm_target[: len(ids)])
 
     def collate(self, items: list[Encoded]) -> Batch:

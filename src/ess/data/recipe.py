@@ -1,0 +1,88 @@
+"""The training data of both phases, built from any mix of sources (METHOD.md §4).
+
+Alignment phase: 50 % benign, 50 % malicious examples. Malicious responses are explained
+refusals; benign responses are the dataset's own, or else the base model's answer
+(self-distillation). Pretraining phase: windows of response text, labelled by the request they
+answer (the base model's answers to harmful requests are malicious text; its benign answers and
+the refusals are benign text), so that [CLS] learns to judge a response as it is being written,
+which the strategic-attention rules rely on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from .distill import base_answers
+from .loaders import load_examples
+from .refusals import explained_refusal
+from .schema import Example
+
+_REFUSAL_MARKERS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "sorry,", "i won't", "as an ai", "not able to")
+
+
+def load_sources(sources: list[str]) -> list[Example]:
+    return [example for source in sources for example in load_examples(source)]
+
+
+def _split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    benign = [e for e in examples if e.label == "benign"]
+    malicious = [e for e in examples if e.label == "malicious"]
+    if not benign or not malicious:
+        raise ValueError("the training data needs both benign and malicious examples")
+    return benign, malicious
+
+
+def alignment_examples(examples: list[Example], base: str, size: int | None = None, seed: int = 0) -> list[Example]:
+    """A shuffled 50/50 mixture with responses; `size` defaults to twice the smaller class."""
+    rng = random.Random(seed)
+    benign, malicious = _split(examples)
+    per_class = (size or 2 * min(len(benign), len(malicious))) // 2
+    benign = _sample(benign, per_class, rng)
+    malicious = _sample(malicious, per_class, rng)
+    needs_answer = [e.prompt for e in benign if not e.response]
+    answers = base_answers(base, needs_answer, desc="benign answers (self-distillation)") if needs_answer else {}
+    mixture = [replace(e, response=e.response or answers[e.prompt]) for e in benign]
+    mixture += [replace(e, response=explained_refusal(e, rng)) for e in malicious]
+    mixture = [e for e in mixture if e.response]
+    rng.shuffle(mixture)
+    return mixture
+
+
+def pretraining_texts(
+    examples: list[Example], base: str, tokenizer, seed: int = 0, windows_per_answer: int = 3
+) -> list[tuple[str, str]]:
+    """(text, label) pairs: windows of the base model's answers and of explained refusals."""
+    rng = random.Random(seed)
+    benign, malicious = _split(examples)
+    answers = base_answers(base, [e.prompt for e in benign + malicious], desc="base answers (response corpus)")
+    texts: list[tuple[str, str]] = []
+    for example in benign + malicious:
+        answer = answers[example.prompt]
+        if example.label == "malicious" and answer.lower().startswith(_REFUSAL_MARKERS):
+            continue  # the base refused: that text is not harmful
+        texts += [(w, example.label) for w in _windows(answer, tokenizer, rng, windows_per_answer)]
+    for example in malicious:
+        texts.append((explained_refusal(example, rng), "benign"))
+    rng.shuffle(texts)
+    return texts
+
+
+def _windows(text: str, tokenizer, rng: random.Random, count: int) -> list[str]:
+    """The whole text, its start, and random spans of 8-24 tokens: the spans [CLS] reads at
+    generation time (the first r1 tokens, the latest r2 tokens, a window around a transition)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < 4:
+        return []
+    out = [text]
+    for _ in range(count - 1):
+        width = min(len(ids), rng.randint(8, 24))
+        start = 0 if rng.random() < 0.3 else rng.randint(0, len(ids) - width)
+        out.append(tokenizer.decode(ids[start : start + width]))
+    return out
+
+
+def _sample(items: list[Example], n: int, rng: random.Random) -> list[Example]:
+    """n items without replacement while possible, then repeated."""
+    shuffled = rng.sample(items, len(items))
+    return [shuffled[i % len(shuffled)] for i in range(n)]

@@ -1,0 +1,272 @@
+"""The trainer: both phases, LoRA or full, one process or many (accelerate), resumable.
+
+A plain loop in the spirit of nanoGPT rather than a `transformers.Trainer` subclass: the loss
+already lives in `ESSModel.forward`, and the loop must checkpoint in safetensors only (Trainer
+pickles optimizer and RNG state) and resume on exactly the next step (the data order is a
+function of the seed and the step, so a resumed run sees the batches the killed one would have).
+
+Run folder layout:
+    train_config.json          the settings; a rerun with the same --out must match them
+    train_log.jsonl            one line per step: phase, step, loss, lm/cls loss, cls accuracy, tokens/s
+    checkpoints/latest         name of the newest complete checkpoint (written last, atomically)
+    checkpoints/<phase>-<step>/model/ ESS checkpoint; optimizer.safetensors; state.json
+    final/                     the trained ESS model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .data.encoding import ChatEncoder, Encoded
+from .data.recipe import alignment_examples, load_sources, pretraining_texts
+from .masks import Phase, Role
+from .model import CONFIG_FILE, ESSModel
+
+PHASES = {"pretrain": [Phase.PRETRAIN], "align": [Phase.ALIGN], "both": [Phase.PRETRAIN, Phase.ALIGN]}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start as asked (the message says why and what to do)."""
+
+
+def train(config: TrainConfig, base: str) -> Path:
+    """Train an ESS model over `base`; returns the folder of the final model."""
+    from accelerate import Accelerator
+
+    if config.phase not in PHASES:
+        raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
+    accelerator = Accelerator()
+    out = Path(config.out)
+    final = out / "final"
+    if (final / CONFIG_FILE).exists():
+        accelerator.print(f"{out}: training already finished; the model is in {final}")
+        return final
+    _check_same_run(out, config, base, accelerator)
+
+    checkpoint = _latest_checkpoint(out)
+    torch.manual_seed(config.seed)
+    if checkpoint is None:
+        model = ESSModel.from_base(base, adapter="full" if config.full else "lora")
+        state = {"phase": None, "step": 0, "phases_done": []}
+    else:
+        model = ESSModel.from_pretrained(checkpoint / "model", trainable=True)
+        state = json.loads((checkpoint / "state.json").read_text())
+        accelerator.print(f"resuming from {checkpoint}")
+    model.to(accelerator.device).train()
+    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token, config.max_length)
+
+    for phase in PHASES[config.phase]:
+        if phase in state["phases_done"]:
+            continue
+        # The first process generates and caches the base model's answers; the others read them.
+        with accelerator.main_process_first():
+            items = _phase_items(phase, config, model, encoder)
+        start = state["step"] if state["phase"] == phase else 0
+        optimizer_state = checkpoint / "optimizer.safetensors" if checkpoint and start else None
+        _run_phase(phase, items, model, encoder, config, accelerator, out, start, optimizer_state, state["phases_done"])
+        state = {"phase": None, "step": 0, "phases_done": state["phases_done"] + [phase]}
+
+    if accelerator.is_main_process:
+        _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
+    accelerator.wait_for_everyone()
+    accelerator.print(f"saved the ESS model to {final}")
+    return final
+
+
+def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> None:
+    settings = {"base": base, **dataclasses.asdict(config)}
+    settings.pop("out")
+    path = out / "train_config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in settings if saved.get(k) != settings[k])
+        if changed:
+            raise TrainingError(
+                f"{out} holds a run with other settings ({', '.join(changed)} differ); "
+                "rerun with the same flags to resume, or choose another --out"
+            )
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def _phase_items(phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder) -> list[Encoded]:
+    base = model.config.base_model
+    if phase == Phase.PRETRAIN:
+        texts = pretraining_texts(load_sources(config.pretrain_data), base, model.tokenizer, config.seed)
+        return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in texts]
+    examples = alignment_examples(load_sources(config.data), base, config.examples, config.seed)
+    return [encoder.encode_example(example) for example in examples]
+
+
+def _data_order(n_items: int, n_needed: int, seed: int) -> list[int]:
+    """Item indices for every step of a phase: one seeded permutation per epoch, concatenated."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < n_needed:
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order += torch.randperm(n_items, generator=generator).tolist()
+        epoch += 1
+    return order
+
+
+def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    warmup = max(1, int(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _run_phase(phase, items, model, encoder, config, accelerator, out, start, optimizer_state, phases_done) -> None:
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = config.batch_size * world
+    total = config.max_steps or max(1, math.ceil(config.epochs * len(items) / per_step))
+    order = _data_order(len(items), total * per_step, config.seed + len(phases_done))
+
+    head_params = [model.cls_embedding, *model.head.parameters()]
+    head_ids = {id(p) for p in head_params}
+    lm_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    optimizer = torch.optim.AdamW(
+        [{"params": lm_params, "lr": config.lr}, {"params": head_params, "lr": config.head_lr}],
+        weight_decay=config.weight_decay,
+    )
+    peak = [group["lr"] for group in optimizer.param_groups]
+    if optimizer_state is not None:
+        optimizer.load_state_dict(_read_optimizer(optimizer_state))
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+
+    accelerator.print(f"{phase} phase: {len(items)} sequences, {total} steps of {per_step}")
+    bar = tqdm(total=total, initial=start, desc=phase, unit="step", disable=not accelerator.is_local_main_process)
+    log = (out / "train_log.jsonl").open("a") if accelerator.is_main_process else None
+    step, started, tokens = start, time.time(), 0
+    interrupted = _InterruptFlag()
+    try:
+        for step in range(start, total):
+            rows = order[step * per_step + rank * config.batch_size : step * per_step + (rank + 1) * config.batch_size]
+            batch = encoder.collate([items[i] for i in rows]).to(accelerator.device)
+            factor = _lr_factor(step, total, config.warmup_ratio)
+            for group, lr in zip(optimizer.param_groups, peak):
+                group["lr"] = lr * factor
+            output = ddp_model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels, config.lambda_cls)
+            accelerator.backward(output.loss)
+            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            accuracy = (output.cls_logits.argmax(-1) == batch.cls_labels).float().mean()
+            metrics = torch.stack([output.loss.detach(), output.lm_loss.detach(), output.cls_loss.detach(), accuracy])
+            loss, lm_loss, cls_loss, acc = accelerator.reduce(metrics, reduction="mean").tolist()
+            tokens += int((batch.roles != Role.PAD).sum()) * world
+            rate = tokens / max(1e-9, time.time() - started)
+            bar.set_postfix(loss=f"{loss:.3f}", cls=f"{cls_loss:.3f}", acc=f"{acc:.2f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            if log:
+                row = {"phase": phase, "step": step + 1, "loss": loss, "lm_loss": lm_loss, "cls_loss": cls_loss,
+                       "cls_acc": acc, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if (step + 1) % config.save_every == 0 or step + 1 == total or interrupted:
+                _save_checkpoint(out, model, optimizer, phase, step + 1, phases_done, accelerator)
+            if interrupted:
+                raise KeyboardInterrupt
+    finally:
+        interrupted.restore()
+        bar.close()
+        if log:
+            log.close()
+
+
+class _InterruptFlag:
+    """Turns Ctrl-C / SIGTERM into 'finish this step, checkpoint, then stop' on one process."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.set:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __bool__(self) -> bool:
+        return self.set
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _atomic_save(target: Path, write) -> None:
+    """Write a folder next to `target`, then rename it into place: never half a checkpoint."""
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _save_checkpoint(out: Path, model, optimizer, phase: str, step: int, phases_done: list[str], accelerator) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder = out / "checkpoints"
+        name = f"{phase}-{step:06d}"
+
+        def write(tmp: Path) -> None:
+            accelerator.unwrap_model(model).save_pretrained(tmp / "model")
+            tensors, groups = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, tmp / "optimizer.safetensors")
+            state = {"phase": phase, "step": step, "phases_done": phases_done, "param_groups": groups}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+        _atomic_save(folder / name, write)
+        latest = folder / ".latest.tmp"
+        latest.write_text(name + "\n")
+        os.replace(latest, folder / "latest")
+        for old in folder.iterdir():
+            if old.is_dir() and old.name != name and not old.name.startswith("."):
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    folder = out / "checkpoints" / pointer.read_text().strip()
+    return folder if (folder / "state.json").exists() else None
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {
+        f"{index}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().contiguous().cpu()
+        for index, slots in state_dict["state"].items()
+        for key, value in slots.items()
+    }
+    return tensors, state_dict["param_groups"]
+
+
+def _read_optimizer(path: Path) -> dict:
+    tensors = load_file(path)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = json.loads((path.parent / "state.json").read_text())["param_groups"]
+    return {"state": state, "param_groups": groups}
