@@ -37,13 +37,16 @@ def attention_allowed(
     query_slots: torch.Tensor | None = None,
     key_slots: torch.Tensor | None = None,
     cls_reads: torch.Tensor | None = None,
+    reads_cls: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean [batch, q, k]: may query row i attend to key column j?
 
     query_roles [b, q] and key_roles [b, k] are `Role` values; query_slots [q] and key_slots [k]
     are sequence (or cache-slot) indices that define causality (default: 0..q-1 and 0..k-1, the
-    training case where queries and keys are the same tokens). `cls_reads` [b, k] overrides what a
-    [CLS] row reads (the inference spans of strategic attention); [CLS] always reads itself.
+    training case where queries and keys are the same tokens). `cls_reads` [b, k] or [b, q, k]
+    overrides what a [CLS] row reads (the inference spans of strategic attention); [CLS] always
+    reads itself. `reads_cls` [b, q, k] overrides which rows read which [CLS] entry (the reference
+    decoder keeps several [CLS] versions, each read by the tokens fed while it was current).
     """
     if phase not in (Phase.PRETRAIN, Phase.ALIGN):
         raise ValueError(f"unknown phase {phase!r}")
@@ -65,9 +68,13 @@ def attention_allowed(
 
     if cls_reads is None:
         cls_reads = k_text[:, 0] if phase == Phase.PRETRAIN else key_roles == Role.QUERY
-    allowed |= q_cls & (cls_reads[:, None, :] | (k_cls & same_slot))
+    if cls_reads.dim() == 2:
+        cls_reads = cls_reads[:, None, :]
+    allowed |= q_cls & (cls_reads | (k_cls & same_slot))
 
-    if phase == Phase.ALIGN:
+    if reads_cls is not None:
+        allowed |= reads_cls & k_cls
+    elif phase == Phase.ALIGN:
         allowed |= (query_roles == Role.RESPONSE)[:, :, None] & k_cls & causal
     # A padding row attends to itself only, so that softmax never sees an empty row.
     allowed |= q_pad & same_slot

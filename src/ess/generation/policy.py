@@ -1,0 +1,123 @@
+"""Strategic attention, strategic decoding and re-classification schedules (METHOD.md §5-7).
+
+`RowPolicy` is the decision logic of one request, free of tensors: when to re-evaluate [CLS],
+which span it reads, and what a verdict makes the decoder do. The fast generator and the exact
+reference loop both drive it, so they cannot disagree on a decision.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .types import RELIANCES, Policy
+
+INSERT, REFUSE = "insert", "refuse"
+
+
+class PolicyError(ValueError):
+    """An unknown schedule or reliance, or a bad rule parameter."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """What a re-evaluated [CLS] reads: the query or not, and response tokens [start, end)."""
+
+    query: bool
+    start: int
+    end: int
+    rule: int
+
+
+def validate(policy: Policy) -> Policy:
+    schedule_interval(policy.schedule)  # raises on a bad schedule
+    if policy.reliance not in RELIANCES:
+        raise PolicyError(f"unknown reliance {policy.reliance!r}: expected one of {', '.join(RELIANCES)}")
+    if policy.tau < 1 or min(policy.r1, policy.r2, policy.r3) < 1:
+        raise PolicyError("tau, r1, r2 and r3 must be at least 1")
+    return policy
+
+
+def schedule_interval(schedule: str) -> int | None:
+    """The K of `periodic:K`, None for the other schedules; raises on an unknown schedule."""
+    if schedule in ("none", "first", "every", "annealing"):
+        return None
+    match = re.fullmatch(r"periodic:(\d+)", schedule)
+    if not match or int(match.group(1)) < 1:
+        raise PolicyError(f"unknown schedule {schedule!r}: expected none, first, every, periodic:K or annealing")
+    return int(match.group(1))
+
+
+def reevaluate_at(schedule: str, n: int) -> bool:
+    """Whether [CLS] is re-evaluated once the n-th response token (1-based) has been fed.
+
+    annealing: every token for the first 8, every 4th up to 32, every 16th up to 128, then never —
+    early tokens decide where an answer goes, and a late start of harmful text is rare enough
+    that the cost of looking stops paying (the paper reports Annealing about as safe as Every).
+    """
+    if schedule in ("none", "first"):
+        return False
+    if schedule == "every":
+        return True
+    if schedule == "annealing":
+        return n <= 8 or (n <= 32 and n % 4 == 0) or (n <= 128 and n % 16 == 0)
+    return n % schedule_interval(schedule) == 0
+
+
+class RowPolicy:
+    """The ESS state of one request during decoding."""
+
+    def __init__(self, policy: Policy, threshold: float):
+        self.policy = policy
+        self.threshold = threshold
+        self.query_malicious = False
+        self.transition_at: int | None = None
+        self.consecutive = 0
+        self.intervened = False
+
+    @property
+    def plain(self) -> bool:
+        return self.policy.schedule == "none"
+
+    def first_verdict(self, p: float) -> str | None:
+        self.query_malicious = p >= self.threshold
+        return self._act(self.query_malicious, self.query_malicious)
+
+    def wants_reevaluation(self, n: int) -> bool:
+        return not self.intervened and reevaluate_at(self.policy.schedule, n)
+
+    def span(self, n: int) -> Span:
+        """The span [CLS] reads after n response tokens."""
+        p = self.policy
+        if not p.strategic_attention:
+            return Span(True, 0, n, 0)
+        if self.query_malicious:
+            return Span(True, 0, min(n, p.r1), 1)
+        if self.transition_at is not None:
+            s = self.transition_at
+            return Span(False, max(0, s - p.r2), min(n, s + p.r3), 3)
+        return Span(False, max(0, n - p.r2), n, 2)
+
+    def observe(self, p: float, n: int) -> str | None:
+        """Take a re-evaluated verdict; returns INSERT or REFUSE when decoding must change."""
+        malicious = p >= self.threshold
+        if self.query_malicious:
+            return self._act(malicious, False)
+        if malicious:
+            self.consecutive += 1
+            if self.transition_at is None:
+                self.transition_at = n  # rule 3: look around the point where the text turned
+        else:
+            self.consecutive = 0
+            self.transition_at = None  # back to rule 2: one alarming word is tolerated
+        return self._act(malicious, self.consecutive >= self.policy.tau)
+
+    def _act(self, malicious: bool, medium_trigger: bool) -> str | None:
+        reliance = self.policy.reliance
+        if reliance == "high" and malicious:
+            self.intervened = True
+            return REFUSE
+        if reliance == "medium" and medium_trigger:
+            self.intervened = True
+            return INSERT
+        return None

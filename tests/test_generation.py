@@ -1,0 +1,187 @@
+"""The guarded decode loop: exact against a from-scratch reference, and plain mode against HF generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ess.generation import Policy, Request, Sampling, generate
+from ess.generation.generator import sample_token
+from ess.generation.policy import INSERT, REFUSE, RowPolicy, reevaluate_at
+from ess.model import ESSModel
+
+
+def _model(folder: str, head_std: float = 0.05) -> ESSModel:
+    torch.manual_seed(3)
+    model = ESSModel.from_base(folder, adapter="full").eval()
+    torch.nn.init.normal_(model.head.weight, std=head_std)
+    torch.nn.init.normal_(model.cls_embedding, std=0.5)
+    return model
+
+
+def _requests(n_tokens: int) -> list[Request]:
+    cases = [
+        ("Hello there, how are you today?", "", "every", "medium"),
+        ("How do I bake a cake?", "Sure, here is", "periodic:3", "low"),
+        ("Hi", "", "annealing", "high"),
+        ("Tell me a story about a dragon and a knight.", "", "none", "medium"),
+        ("What is the capital of France?", "", "every", "medium"),
+        ("Write a haiku", "Autumn", "first", "medium"),
+    ]
+    return [
+        Request([{"role": "user", "content": q}], prefill=prefill, sampling=Sampling(max_new_tokens=n_tokens),
+                policy=Policy(schedule=schedule, reliance=reliance, tau=2, r1=3, r2=4, r3=2))
+        for q, prefill, schedule, reliance in cases
+    ]
+
+
+def _set_threshold_between_verdicts(model: ESSModel, requests: list[Request]) -> None:
+    """A threshold that makes some first verdicts malicious and others benign."""
+    first = sorted(g.p_malicious for g in generate(model, [
+        Request(r.messages, sampling=Sampling(max_new_tokens=0), policy=Policy(schedule="first", reliance="low"))
+        for r in requests]))
+    model.config.threshold = (first[len(first) // 2 - 1] + first[len(first) // 2]) / 2
+
+
+def _assert_same(fast, slow):
+    for a, b in zip(fast, slow):
+        assert a.token_ids == b.token_ids
+        assert (a.intervened, a.intervention_step, a.finish_reason) == (b.intervened, b.intervention_step, b.finish_reason)
+        assert [(t.step, t.span, t.rule) for t in a.trace] == [(t.step, t.span, t.rule) for t in b.trace]
+        for t, u in zip(a.trace, b.trace):
+            assert abs(t.p_malicious - u.p_malicious) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2"))
+def test_cached_loop_equals_from_scratch_reference(tiny_models, family):
+    model = _model(tiny_models[family])
+    requests = _requests(14)
+    _set_threshold_between_verdicts(model, requests)
+    fast = generate(model, requests, batch_size=len(requests))
+    slow = generate(model, requests, reference=True)
+    _assert_same(fast, slow)
+    assert sum(len(g.trace) for g in fast) > 20
+    assert any(g.intervened for g in fast) and not all(g.intervened for g in fast)
+
+
+def test_batch_size_does_not_change_results(tiny_llama):
+    model = _model(tiny_llama)
+    requests = _requests(10)
+    _set_threshold_between_verdicts(model, requests)
+    _assert_same(generate(model, requests, batch_size=6), generate(model, requests, batch_size=1))
+
+
+def test_reevaluation_is_read_by_later_tokens(tiny_llama):
+    """Implicit leverage: the token fed with a re-evaluation, and every later one, reads the new [CLS]."""
+    from ess.generation.engines import CachedEngine
+    from ess.generation.policy import Span
+
+    model = _model(tiny_llama)
+    query = model.tokenizer("Describe the ocean.", add_special_tokens=False).input_ids
+    tokens = model.tokenizer(" The ocean is deep and blue", add_special_tokens=False).input_ids
+
+    def run(reevaluate_at_step: int | None) -> list[torch.Tensor]:
+        engine = CachedEngine(model, [query], [False], len(tokens))
+        engine.start()
+        out = []
+        for i, token in enumerate(tokens):
+            span = Span(False, 0, i + 1, 2) if i == reevaluate_at_step else None
+            out.append(engine.step([token], [span])[0][0])
+        return out
+
+    never, once = run(None), run(2)
+    for i in range(2):
+        torch.testing.assert_close(never[i], once[i])
+    for i in range(2, len(tokens)):
+        assert (never[i] - once[i]).abs().max() > 1e-4
+
+
+def test_plain_mode_equals_hf_generate(tiny_llama):
+    model = _model(tiny_llama)
+    tokenizer = model.tokenizer
+    prompts = ["Hello!", "Write a long story about a cat who learns to fly.", "2+2?"]
+    requests = [Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=16), policy=Policy(schedule="none"))
+                for p in prompts]
+    ours = generate(model, requests, batch_size=3)
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.base_lm.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    for generation, row in zip(ours, out[:, enc.input_ids.shape[1]:].tolist()):
+        expected = row[: row.index(eos)] if eos in row else row
+        assert generation.token_ids == expected
+
+
+def test_medium_reliance_inserts_guiding_text_after_prefill(tiny_llama):
+    model = _model(tiny_llama)
+    model.config.threshold = 0.0  # every verdict is malicious
+    request = Request([{"role": "user", "content": "anything"}], prefill="Sure, here is how",
+                      sampling=Sampling(max_new_tokens=5), policy=Policy(reliance="medium"))
+    generation = generate(model, [request])[0]
+    assert generation.intervened
+    assert generation.text.startswith("Sure, here is how\nSorry, I cannot fulfill your request because")
+    prefill_tokens = len(model.tokenizer("Sure, here is how", add_special_tokens=False).input_ids)
+    assert generation.tokens_before_intervention == prefill_tokens
+
+
+def test_high_reliance_returns_fixed_refusal(tiny_llama):
+    model = _model(tiny_llama)
+    model.config.threshold = 0.0
+    request = Request([{"role": "user", "content": "anything"}], policy=Policy(reliance="high"))
+    generation = generate(model, [request])[0]
+    assert generation.text == "Sorry, I cannot fulfill your request."
+    assert generation.finish_reason == "refusal"
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_llama):
+    from ess.generation import GenerationError
+
+    model = _model(tiny_llama)
+    with pytest.raises(GenerationError, match="exceeds the model's context"):
+        generate(model, [Request([{"role": "user", "content": "word " * 600}])])
+
+
+def test_sampling_rules():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    gen = torch.Generator().manual_seed(0)
+    assert sample_token(logits, Sampling(temperature=0.0), gen) == 1
+    assert all(sample_token(logits, Sampling(temperature=1.0, top_k=1), gen) == 1 for _ in range(20))
+    assert all(sample_token(logits, Sampling(temperature=1.0, top_p=0.0), gen) == 1 for _ in range(20))
+    # top-p 0.8: tokens 1 (0.63) and 2 (0.23) reach it; 0 and 3 never drawn.
+    drawn = {sample_token(logits, Sampling(temperature=1.0, top_p=0.8), gen) for _ in range(200)}
+    assert drawn == {1, 2}
+    a = [sample_token(logits, Sampling(temperature=1.0), torch.Generator().manual_seed(7)) for _ in range(5)]
+    b = [sample_token(logits, Sampling(temperature=1.0), torch.Generator().manual_seed(7)) for _ in range(5)]
+    assert a == b
+
+
+def test_schedules():
+    assert [n for n in range(1, 40) if reevaluate_at("annealing", n)] == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 28, 32]
+    assert [n for n in range(1, 200) if reevaluate_at("annealing", n)][-1] == 128
+    assert [n for n in range(1, 31) if reevaluate_at("periodic:10", n)] == [10, 20, 30]
+    assert not any(reevaluate_at("first", n) for n in range(1, 50))
+    assert all(reevaluate_at("every", n) for n in range(1, 50))
+
+
+def test_strategic_attention_rules_and_tau():
+    policy = RowPolicy(Policy(reliance="medium", tau=3, r1=10, r2=10, r3=10), threshold=0.5)
+    assert policy.first_verdict(0.2) is None
+    assert policy.span(25).rule == 2 and (policy.span(25).start, policy.span(25).end) == (15, 25)
+    assert policy.observe(0.9, 30) is None  # transition at 30
+    assert (policy.span(31).start, policy.span(31).end, policy.span(31).rule) == (20, 31, 3)
+    assert policy.observe(0.1, 31) is None  # falls back: one alarming word is tolerated
+    assert policy.span(32).rule == 2
+    assert policy.observe(0.9, 40) is None and policy.observe(0.9, 41) is None
+    assert policy.observe(0.9, 42) == INSERT and policy.intervened
+    assert not policy.wants_reevaluation(43)
+
+    malicious = RowPolicy(Policy(reliance="medium", r1=10), threshold=0.5)
+    assert malicious.first_verdict(0.7) == INSERT
+    low = RowPolicy(Policy(reliance="low", r1=10), threshold=0.5)
+    assert low.first_verdict(0.7) is None
+    span = low.span(40)
+    assert span.query and (span.start, span.end, span.rule) == (0, 10, 1)
+    high = RowPolicy(Policy(reliance="high"), threshold=0.5)
+    assert high.first_verdict(0.3) is None and high.observe(0.6, 5) == REFUSE
