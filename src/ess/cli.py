@@ -9,29 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
 from .hub import DEFAULT_MODEL, ModelNotFound
 
 
-class UsageError(ValueError):
-    """A flag combination or value that cannot work; reported like a bad flag."""
+def _load_ess_model(value: str):
+    from .model import ESSModel, find_checkpoint
 
-
-def _model_dir(value: str) -> Path:
-    """`--model` accepts a checkpoint folder or a training run folder (its `final/`)."""
-    path = Path(value)
-    if (path / "final" / "ess_config.json").exists():
-        return path / "final"
-    if not (path / "ess_config.json").exists():
+    folder = find_checkpoint(value)
+    if folder is None:
         raise ModelNotFound(f"{value}: not an ESS checkpoint or training run folder (no ess_config.json)")
-    return path
-
-
-def _load_model(value: str):
-    from .model import ESSModel
-
-    return ESSModel.from_pretrained(_model_dir(value)).eval()
+    return ESSModel.from_pretrained(folder).eval()
 
 
 # ---- subcommands ------------------------------------------------------------------------------
@@ -56,7 +43,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .data.loaders import load_prompts
 
     prompts = load_prompts(args.prompts, label="benign")
-    model = _load_model(args.model)
+    model = _load_ess_model(args.model)
     verdicts = classify(model, prompts, batch_size=args.batch_size)
     for prompt, verdict in zip(prompts, verdicts):
         if args.json:
@@ -65,6 +52,96 @@ def cmd_classify(args: argparse.Namespace) -> int:
             short = prompt.replace("\n", " ")
             print(f"{verdict.p_malicious:6.3f}  {verdict.label:9s}  {short[:100]}")
     return 0
+
+
+def _policy(args: argparse.Namespace):
+    from .generation import Policy
+    from .generation.policy import validate
+
+    return validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau))
+
+
+def _sampling(args: argparse.Namespace):
+    from .generation import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .data.loaders import load_prompts
+    from .generation import Request, generate, load_model
+
+    prompts = [args.prompt] if args.prompt is not None else load_prompts(args.prompts, label="benign")
+    policy, sampling = _policy(args), _sampling(args)
+    model = load_model(args.model)
+    requests = [Request([{"role": "user", "content": p}], args.prefill or "", sampling, policy) for p in prompts]
+    for generation in generate(model, requests, batch_size=args.batch_size, progress=not args.json and len(prompts) > 1):
+        if args.json:
+            print(json.dumps(generation.to_json()), flush=True)
+        else:
+            print(_describe(generation), flush=True)
+    return 0
+
+
+def _describe(generation) -> str:
+    """A human-readable answer with its verdict and the intervention point."""
+    lines = []
+    if generation.p_malicious is not None:
+        lines.append(f"[first verdict p(malicious)={generation.p_malicious:.3f}; "
+                     f"{len(generation.trace) - 1} re-evaluations]")
+    if generation.intervened:
+        lines.append(f"[ESS intervened after {generation.tokens_before_intervention} response tokens]")
+    lines.append(generation.text)
+    return "\n".join(lines) + "\n"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generation import Request, generate, load_model
+
+    policy, sampling = _policy(args), _sampling(args)
+    model = load_model(args.model)
+    messages: list[dict[str, str]] = []
+    print("ess chat: an empty line or Ctrl-D quits; /reset starts a new conversation.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        if line == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line})
+        generation = generate(model, [Request(list(messages), "", sampling, policy)])[0]
+        print("ess> " + _describe(generation))
+        messages.append({"role": "assistant", "content": generation.text})
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_bench, write_json
+    from .generation import load_model
+
+    model = load_model(args.model)
+    config = BenchConfig(batch_sizes=tuple(args.batch_sizes), max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+    result = run_bench(model, config)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--schedule", default="annealing", help="none | first | every | periodic:K | annealing (default)")
+    parser.add_argument("--reliance", default="medium", choices=("low", "medium", "high"))
+    parser.add_argument("--tau", type=int, default=3, help="consecutive malicious verdicts before an intervention")
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -82,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (rerun with the same --out to resume)")
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--max-steps", type=int, help="stop each phase after N optimiser steps")
-    train.add_argument("--epochs", type=float, default=2.0, help="passes over each phase's data (default 2)")
+    train.add_argument("--epochs", type=float, default=1.0, help="passes over each phase's data (default 1)")
     train.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 LoRA, 2e-5 full)")
     train.add_argument("--head-lr", type=float, default=2e-3, help="learning rate of the [CLS] row and head")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per step and process (default 8)")
-    train.add_argument("--max-length", type=int, default=256, help="longest sequence in tokens (default 256)")
+    train.add_argument("--max-length", type=int, default=160, help="longest sequence in tokens (default 160)")
     train.add_argument("--lambda-cls", type=float, help="weight of the [CLS] loss (default 0.01 pretrain, 0.1 align)")
     train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture")
     train.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (default 25)")
@@ -99,17 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true", help='one JSON line per prompt: {"prompt", "p_malicious", "label"}')
     classify.add_argument("--batch-size", type=int, default=16)
     classify.set_defaults(run=cmd_classify)
+
+    gen = sub.add_parser("generate", help="guarded generation with the safety trace")
+    _add_generation_flags(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts", help="prompts file or dataset")
+    gen.add_argument("--prefill", help="forced start of the answer (re-evaluated like any response text)")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--json", action="store_true", help="one JSON line per prompt (prompt, text, p_malicious, intervened, trace, ...)")
+    gen.set_defaults(run=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat showing each answer's verdict and intervention point")
+    _add_generation_flags(chat)
+    chat.set_defaults(run=cmd_chat)
+
+    bench = sub.add_parser("bench", help="tokens/s and overhead of each schedule against the same model without ESS")
+    bench.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder")
+    bench.add_argument("--json", help="write the results here as JSON")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .data.schema import DataError
+    from .generation import GenerationError, PolicyError
     from .training import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, ModelNotFound, TrainingError, UsageError, FileNotFoundError) as error:
+    except (DataError, ModelNotFound, TrainingError, GenerationError, PolicyError, FileNotFoundError) as error:
         print(f"ess {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

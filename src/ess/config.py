@@ -72,11 +72,11 @@ class TrainConfig:
     """Learning rate of the [CLS] row and the head, which start from scratch."""
     batch_size: int = 8
     """Sequences per optimiser step and process."""
-    epochs: float = 2.0
+    epochs: float = 1.0
     """Passes over each phase's data (ignored where `max_steps` is set)."""
     max_steps: int | None = None
     """Stop each phase after this many optimiser steps."""
-    max_length: int = 256
+    max_length: int = 160
     """Longest tokenized sequence; longer alignment examples lose the end of the response."""
     warmup_ratio: float = 0.05
     """Share of steps spent warming up the learning rate."""

@@ -206,6 +206,14 @@ class ESSModel(nn.Module):
         return out
 
 
+def find_checkpoint(reference: str | Path) -> Path | None:
+    """The ESS checkpoint a `--model` value names: the folder itself or a run folder's `final/`."""
+    for folder in (Path(reference), Path(reference) / "final"):
+        if (folder / CONFIG_FILE).exists():
+            return folder
+    return None
+
+
 def _add_lora(lm, config: ESSConfig):
     from peft import LoraConfig, get_peft_model
 

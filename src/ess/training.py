@@ -47,7 +47,8 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if config.phase not in PHASES:
         raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
-    accelerator = Accelerator()
+    # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.out)
     final = out / "final"
     if (final / CONFIG_FILE).exists():

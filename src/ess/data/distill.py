@@ -44,7 +44,7 @@ def _trim_to_sentence(text: str) -> str:
 
 
 def base_answers(
-    base: str, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16, desc: str = "base answers"
+    base: str, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16, desc: str = "base answers"
 ) -> dict[str, str]:
     """Greedy answers of the base model (no ESS) to single-turn prompts, from cache where possible."""
     path = _cache_file(base, max_new_tokens)

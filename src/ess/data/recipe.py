@@ -50,7 +50,7 @@ def alignment_examples(examples: list[Example], base: str, size: int | None = No
 
 
 def pretraining_texts(
-    examples: list[Example], base: str, tokenizer, seed: int = 0, windows_per_answer: int = 3
+    examples: list[Example], base: str, tokenizer, seed: int = 0, windows_per_answer: int = 2
 ) -> list[tuple[str, str]]:
     """(text, label) pairs: windows of the base model's answers and of explained refusals."""
     rng = random.Random(seed)
@@ -63,21 +63,21 @@ def pretraining_texts(
             continue  # the base refused: that text is not harmful
         texts += [(w, example.label) for w in _windows(answer, tokenizer, rng, windows_per_answer)]
     for example in malicious:
-        texts.append((explained_refusal(example, rng), "benign"))
+        texts += [(w, "benign") for w in _windows(explained_refusal(example, rng), tokenizer, rng, 1)]
     rng.shuffle(texts)
     return texts
 
 
 def _windows(text: str, tokenizer, rng: random.Random, count: int) -> list[str]:
-    """The whole text, its start, and random spans of 8-24 tokens: the spans [CLS] reads at
-    generation time (the first r1 tokens, the latest r2 tokens, a window around a transition)."""
+    """The text's start and random spans, 8-24 tokens each: the spans [CLS] reads at generation
+    time (the first r1 tokens, the latest r2 tokens, a window around a transition)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) < 4:
         return []
-    out = [text]
-    for _ in range(count - 1):
+    out = []
+    for i in range(count):
         width = min(len(ids), rng.randint(8, 24))
-        start = 0 if rng.random() < 0.3 else rng.randint(0, len(ids) - width)
+        start = 0 if i == 0 else rng.randint(0, len(ids) - width)
         out.append(tokenizer.decode(ids[start : start + width]))
     return out
 

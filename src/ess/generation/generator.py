@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.encoding import ChatEncoder
-from ..model import ESSModel
+from ..model import ESSModel, find_checkpoint
 from .engines import CachedEngine, ReferenceEngine
 from .policy import INSERT, REFUSE, RowPolicy, validate
 from .types import Generation, Request, Sampling, TraceEntry
@@ -93,7 +93,7 @@ class _Row:
             return self._finish("length")
         token = sample_token(logits, self.request.sampling, self.generator)
         self.generated += 1
-        if token in eos:
+        if token in eos and not self.request.sampling.ignore_eos:
             return self._finish("eos")
         return token
 
@@ -184,12 +184,9 @@ def generate(
 
 def load_model(reference: str) -> ESSModel:
     """An ESS checkpoint or run folder, or a base LM (name, folder or hub id) for plain generation."""
-    from pathlib import Path
-
-    path = Path(reference)
-    for folder in (path, path / "final"):
-        if (folder / "ess_config.json").exists():
-            return ESSModel.from_pretrained(folder).eval()
+    folder = find_checkpoint(reference)
+    if folder is not None:
+        return ESSModel.from_pretrained(folder).eval()
     return ESSModel.from_base(reference, adapter="full").eval()
 
 

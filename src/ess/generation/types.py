@@ -26,6 +26,8 @@ class Sampling:
     """Keep only the k most likely tokens (0 = all)."""
     seed: int | None = None
     """Seed of this request's sampler (None: seeded from the request's index)."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens (benchmarks compare equal amounts of work)."""
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""Throughput and overhead of each re-classification schedule, measured in one run.
+
+overhead = time with ESS / time of `none` (the same model, same loop, no [CLS]) - 1, for the
+same prompts and the same number of generated tokens (EOS ignored). Each configuration is run
+`repeats` times and the fastest run counts, which filters out noise from other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .generation import Policy, Request, Sampling, generate
+from .model import ESSModel
+
+SCHEDULES = ("none", "first", "periodic:10", "annealing", "every")
+PROMPTS = [
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short poem about the first snow of winter.",
+    "What are three tips for learning a new language?",
+    "Summarise the plot of a heist movie in a few sentences.",
+    "How do I sort a list of dictionaries by a key in Python?",
+    "Describe the water cycle for a ten-year-old.",
+    "Give me a recipe for a quick vegetable soup.",
+    "What is the difference between weather and climate?",
+]
+
+
+@dataclass
+class BenchConfig:
+    """What `ess bench` measures."""
+
+    batch_sizes: tuple[int, ...] = (1, 8)
+    """Batch sizes to measure (prompts are repeated to fill a batch)."""
+    max_new_tokens: int = 128
+    """Tokens generated per answer (annealing re-evaluates up to token 128)."""
+    repeats: int = 3
+    """Runs per configuration; the fastest counts."""
+    schedules: tuple[str, ...] = SCHEDULES
+    """Schedules to compare; `none` is the baseline of the overhead."""
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _requests(batch: int, schedule: str, max_new_tokens: int) -> list[Request]:
+    # Low reliance: every schedule does all its re-evaluations and nothing is inserted, so each
+    # configuration generates the same tokens' worth of work.
+    return [
+        Request([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                sampling=Sampling(max_new_tokens=max_new_tokens, ignore_eos=True),
+                policy=Policy(schedule=schedule, reliance="low"))
+        for i in range(batch)
+    ]
+
+
+@torch.no_grad()
+def _hf_generate_seconds(model: ESSModel, batch: int, max_new_tokens: int) -> float:
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
+                                           add_generation_prompt=True) for i in range(batch)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _time(lambda: model.base_lm.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                                do_sample=False, pad_token_id=pad))
+
+
+def run_bench(model: ESSModel, config: BenchConfig, log=print) -> dict:
+    rows = []
+    hf: dict[str, float] = {}
+    for batch in config.batch_sizes:
+        tokens = batch * config.max_new_tokens
+        generate(model, _requests(batch, "every", 8), batch_size=batch)  # warm-up
+        seconds = {}
+        for schedule in config.schedules:
+            requests = _requests(batch, schedule, config.max_new_tokens)
+            seconds[schedule] = min(_time(lambda: generate(model, requests, batch_size=batch)) for _ in range(config.repeats))
+        hf_seconds = min(_hf_generate_seconds(model, batch, config.max_new_tokens) for _ in range(config.repeats))
+        hf[str(batch)] = tokens / hf_seconds
+        for schedule in config.schedules:
+            row = {"schedule": schedule, "batch": batch, "tokens_per_s": tokens / seconds[schedule],
+                   "overhead": seconds[schedule] / seconds["none"] - 1 if "none" in seconds else None}
+            rows.append(row)
+            log(f"batch {batch:3d}  {schedule:12s} {row['tokens_per_s']:9.1f} tok/s  overhead {row['overhead']:+.3f}")
+        log(f"batch {batch:3d}  {'hf generate':12s} {hf[str(batch)]:9.1f} tok/s  "
+            f"(none runs at {seconds['none'] and hf_seconds / seconds['none']:.2f}x of it)")
+    return {"rows": rows, "hf_generate_tokens_per_s": hf,
+            "settings": {"max_new_tokens": config.max_new_tokens, "repeats": config.repeats,
+                         "device": str(model.device), "dtype": str(model.cls_embedding.dtype),
+                         "threads": torch.get_num_threads()}}
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,110 @@
+"""Training end to end on a tiny model: resume after a kill, two processes, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ESS = [sys.executable, "-m", "ess.cli"]
+DATA = ["--data", "seed:heldout_benign", "seed:heldout_harmful"]
+
+
+def _train_args(base: str, out: Path, *extra: str) -> list[str]:
+    return ["train", "--base", base, *DATA, "--out", str(out), "--batch-size", "4", *extra]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(folder / "ess_head.safetensors")
+    tensors.update(load_file(folder / "adapter" / "adapter_model.safetensors"))
+    return tensors
+
+
+def _steps(out: Path) -> list[tuple[str, int]]:
+    return [(row["phase"], row["step"]) for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())]
+
+
+def test_interrupted_run_resumes_without_losing_a_step(tiny_llama, tmp_path):
+    args = ("--max-steps", "8", "--save-every", "100")
+    straight = tmp_path / "straight"
+    subprocess.run(ESS + _train_args(tiny_llama, straight, *args), check=True, capture_output=True)
+
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(ESS + _train_args(tiny_llama, resumed, *args), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log = resumed / "train_log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and ("align", 3) in _steps(resumed)):
+        assert process.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert "run the same command again to resume" in stderr
+    interrupted_at = max(step for phase, step in _steps(resumed) if phase == "align")
+    assert 3 <= interrupted_at < 8
+
+    again = subprocess.run(ESS + _train_args(tiny_llama, resumed, *args), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout + again.stderr
+    steps = _steps(resumed)
+    assert steps == sorted(set(steps), key=steps.index), "a finished step was trained twice"
+    assert [s for p, s in steps if p == "align"] == list(range(1, 9))
+    a, b = _weights(straight / "final"), _weights(resumed / "final")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_changed_flags_on_the_same_out_are_refused(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(ESS + _train_args(tiny_llama, out, "--max-steps", "1"), check=True, capture_output=True)
+    (out / "final").rename(out / "moved")
+    result = subprocess.run(ESS + _train_args(tiny_llama, out, "--max-steps", "2"), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "max_steps differ" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_processes_with_accelerate(tiny_llama, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "ess.cli", *_train_args(tiny_llama, out, "--max-steps", "3", "--batch-size", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 steps of 4" in result.stdout + result.stderr  # 2 processes x batch 2 per step
+    assert _steps(out) == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("align", 1), ("align", 2), ("align", 3)]
+    from ess.model import ESSModel
+
+    assert ESSModel.from_pretrained(out / "final").config.adapter == "lora"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["classify", "--model", "{tmp}/nope", "--prompts", "{tmp}/p.txt"], "not an ESS checkpoint"),
+        (["train", "--base", "{tiny}", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/o"], "missing.jsonl"),
+        (["train", "--base", "{tiny}", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/o"], "bad.jsonl:2"),
+        (["train", "--base", "{tiny}", "--data", "{tmp}/label.jsonl", "--out", "{tmp}/o"], "field 'label'"),
+        (["train", "--base", "no-such-model", "--out", "{tmp}/o"], "no-such-model"),
+        (["generate", "--model", "{tiny}", "--prompt", "hi", "--schedule", "sometimes"], "unknown schedule"),
+        (["train", "--phase", "middle", "--out", "{tmp}/o"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_llama, tmp_path, argv, message):
+    (tmp_path / "p.txt").write_text("hello\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "label": "benign"}\n{"prompt": "b", "label": \n')
+    (tmp_path / "label.jsonl").write_text('{"prompt": "a", "label": "harmless"}\n')
+    argv = [a.format(tmp=tmp_path, tiny=tiny_llama) for a in argv]
+    result = subprocess.run(ESS + argv, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
