@@ -24,17 +24,15 @@ def _load_ess_model(value: str):
 # ---- subcommands ------------------------------------------------------------------------------
 
 
+_TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "max_steps", "max_length",
+                "save_every", "seed", "lambda_cls", "data", "pretrain_data", "examples")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .training import train
 
-    config = TrainConfig(
-        out=args.out, phase=args.phase, full=args.full, lr=args.lr or (2e-5 if args.full else 2e-4),
-        head_lr=args.head_lr, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-        max_length=args.max_length, save_every=args.save_every, seed=args.seed, lambda_cls=args.lambda_cls,
-        data=args.data, pretrain_data=args.pretrain_data or args.data, examples=args.examples,
-    )
-    train(config, args.base)
+    train(TrainConfig(out=args.out, **{name: getattr(args, name) for name in _TRAIN_FLAGS}), args.base)
     return 0
 
 
@@ -55,10 +53,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace):
+    """The decoding policy of the flags; a model without ESS weights generates plainly."""
     from .generation import Policy
     from .generation.policy import validate
+    from .model import find_checkpoint
 
-    return validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau))
+    policy = validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau))
+    if find_checkpoint(args.model) is None:
+        print(f"ess {args.command}: {args.model} is not an ESS checkpoint: generating without ESS", file=sys.stderr)
+        policy.schedule = "none"
+    return policy
 
 
 def _sampling(args: argparse.Namespace):
@@ -132,6 +136,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(QuickstartConfig(out=args.out))
+    return 0
+
+
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -148,26 +159,29 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import TrainConfig
+
     parser = argparse.ArgumentParser(prog="ess", description="Explicit safety signals for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train an ESS model (pretraining and/or alignment phase)")
+    d = TrainConfig(out="")
     train.add_argument("--base", default=DEFAULT_MODEL, help=f"base LM: registered name, folder or hub id (default {DEFAULT_MODEL})")
-    train.add_argument("--data", nargs="+", default=["seed"], help="alignment data: seed, seed:NAME, files or hub ids")
+    train.add_argument("--data", nargs="+", default=d.data, help="alignment data: seed, seed:NAME, files or hub ids")
     train.add_argument("--pretrain-data", nargs="+", help="pretraining-phase sources (default: --data)")
-    train.add_argument("--phase", choices=("pretrain", "align", "both"), default="both")
+    train.add_argument("--phase", choices=("pretrain", "align", "both"), default=d.phase)
     train.add_argument("--out", required=True, help="run folder (rerun with the same --out to resume)")
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--max-steps", type=int, help="stop each phase after N optimiser steps")
-    train.add_argument("--epochs", type=float, default=1.0, help="passes over each phase's data (default 1)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 LoRA, 2e-5 full)")
-    train.add_argument("--head-lr", type=float, default=2e-3, help="learning rate of the [CLS] row and head")
-    train.add_argument("--batch-size", type=int, default=8, help="sequences per step and process (default 8)")
-    train.add_argument("--max-length", type=int, default=160, help="longest sequence in tokens (default 160)")
+    train.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over each phase's data (default {d.epochs:g})")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 LoRA, 2e-5 full)")
+    train.add_argument("--head-lr", type=float, default=d.head_lr, help=f"learning rate of the [CLS] row and head (default {d.head_lr:g})")
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step and process (default {d.batch_size})")
+    train.add_argument("--max-length", type=int, default=d.max_length, help=f"longest sequence in tokens (default {d.max_length})")
     train.add_argument("--lambda-cls", type=float, help="weight of the [CLS] loss (default 0.01 pretrain, 0.1 align)")
-    train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture")
-    train.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (default 25)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture (default: twice the smaller class)")
+    train.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
+    train.add_argument("--seed", type=int, default=d.seed)
     train.set_defaults(run=cmd_train)
 
     classify = sub.add_parser("classify", help="first verdict of the [CLS] head for each prompt (a prompt guard)")
@@ -198,18 +212,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--repeats", type=int, default=3)
     bench.set_defaults(run=cmd_bench)
+
+    from .evaluation import add_eval_arguments, cmd_eval
+
+    evaluate = sub.add_parser("eval", help="attacks x prompts x judges -> records.jsonl, summary.json, report.md")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
+
+    quick = sub.add_parser("quickstart", help="train, attack, compare and report on the embedded default model")
+    quick.add_argument("--out", default="quickstart", help="output folder (default quickstart/); a rerun resumes")
+    quick.set_defaults(run=cmd_quickstart)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .attacks.base import AttackError
     from .data.schema import DataError
+    from .evaluation import EvalError
     from .generation import GenerationError, PolicyError
+    from .judges import JudgeError
     from .training import TrainingError
+
+    bad_input = (DataError, ModelNotFound, TrainingError, GenerationError, PolicyError, EvalError, AttackError,
+                 JudgeError, FileNotFoundError)
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, ModelNotFound, TrainingError, GenerationError, PolicyError, FileNotFoundError) as error:
+    except bad_input as error:
         print(f"ess {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,12 +66,13 @@ class TrainConfig:
     """`pretrain`, `align` or `both` (pretraining phase first, then alignment, as in the paper)."""
     full: bool = False
     """Full fine-tuning instead of LoRA."""
-    lr: float = 2e-4
-    """Peak learning rate (linear warm-up, then linear decay). LoRA wants ~1e-4..3e-4; full ~2e-5."""
-    head_lr: float = 2e-3
+    lr: float | None = None
+    """Peak learning rate (linear warm-up, then linear decay); default 3e-4 for LoRA, 2e-5 for full."""
+    head_lr: float = 5e-3
     """Learning rate of the [CLS] row and the head, which start from scratch."""
-    batch_size: int = 8
-    """Sequences per optimiser step and process."""
+    batch_size: int = 4
+    """Sequences per optimiser step and process (small batches: more updates for the same compute,
+    which the [CLS] head, trained from scratch, needs on a CPU budget)."""
     epochs: float = 1.0
     """Passes over each phase's data (ignored where `max_steps` is set)."""
     max_steps: int | None = None
@@ -88,9 +89,13 @@ class TrainConfig:
     """Seed of data order and initialisation."""
     lambda_cls: float | None = None
     """Overrides λ of the [CLS] loss for the phase being trained (default: the ESS config's λ1/λ2)."""
-    pretrain_data: list[str] = field(default_factory=lambda: ["seed"])
-    """Sources of the pretraining-phase corpus (see `ess.data.corpus`)."""
+    pretrain_data: list[str] | None = None
+    """Sources of the pretraining-phase corpus (see `ess.data.recipe`); default: `data`."""
     data: list[str] = field(default_factory=lambda: ["seed"])
     """Sources of the alignment-phase examples (`seed`, files or hub ids)."""
     examples: int | None = None
-    """Size of the alignment mixture (50/50 benign/malicious); default: all the malicious data, balanced."""
+    """Size of the alignment mixture (50/50 benign/malicious); default: twice the smaller class."""
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.full else 3e-4)

@@ -107,7 +107,7 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
 def _phase_items(phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder) -> list[Encoded]:
     base = model.config.base_model
     if phase == Phase.PRETRAIN:
-        texts = pretraining_texts(load_sources(config.pretrain_data), base, model.tokenizer, config.seed)
+        texts = pretraining_texts(load_sources(config.pretrain_data or config.data), base, model.tokenizer, config.seed)
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in texts]
     examples = alignment_examples(load_sources(config.data), base, config.examples, config.seed)
     return [encoder.encode_example(example) for example in examples]
@@ -141,7 +141,7 @@ def _run_phase(phase, items, model, encoder, config, accelerator, out, start, op
     head_ids = {id(p) for p in head_params}
     lm_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
-        [{"params": lm_params, "lr": config.lr}, {"params": head_params, "lr": config.head_lr}],
+        [{"params": lm_params, "lr": config.peak_lr}, {"params": head_params, "lr": config.head_lr}],
         weight_decay=config.weight_decay,
     )
     peak = [group["lr"] for group in optimizer.param_groups]

@@ -50,7 +50,7 @@ def alignment_examples(examples: list[Example], base: str, size: int | None = No
 
 
 def pretraining_texts(
-    examples: list[Example], base: str, tokenizer, seed: int = 0, windows_per_answer: int = 2
+    examples: list[Example], base: str, tokenizer, seed: int = 0, windows_per_answer: int = 1
 ) -> list[tuple[str, str]]:
     """(text, label) pairs: windows of the base model's answers and of explained refusals."""
     rng = random.Random(seed)
@@ -62,7 +62,7 @@ def pretraining_texts(
         if example.label == "malicious" and answer.lower().startswith(_REFUSAL_MARKERS):
             continue  # the base refused: that text is not harmful
         texts += [(w, example.label) for w in _windows(answer, tokenizer, rng, windows_per_answer)]
-    for example in malicious:
+    for example in malicious[::3]:  # a third is enough to teach that refusal text is not harmful
         texts += [(w, "benign") for w in _windows(explained_refusal(example, rng), tokenizer, rng, 1)]
     rng.shuffle(texts)
     return texts
@@ -75,9 +75,9 @@ def _windows(text: str, tokenizer, rng: random.Random, count: int) -> list[str]:
     if len(ids) < 4:
         return []
     out = []
-    for i in range(count):
+    for _ in range(count):
         width = min(len(ids), rng.randint(8, 24))
-        start = 0 if i == 0 else rng.randint(0, len(ids) - width)
+        start = 0 if rng.random() < 0.3 else rng.randint(0, len(ids) - width)
         out.append(tokenizer.decode(ids[start : start + width]))
     return out
 

@@ -1,0 +1,65 @@
+"""The embedded default model (SmolLM2-135M-Instruct): loading, masks and the exact decode loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ess.data.encoding import ChatEncoder
+from ess.generation import Policy, Request, Sampling, generate
+from ess.masks import Phase
+from ess.model import ESSModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model(default_model_dir) -> ESSModel:
+    torch.manual_seed(0)
+    model = ESSModel.from_base("smollm2-135m-instruct", adapter="lora").eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    return model
+
+
+def test_default_model_pretraining_logits_equal_base(model):
+    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id)
+    batch = encoder.collate([encoder.encode_text("Water boils at one hundred degrees Celsius at sea level.", "benign")])
+    with torch.no_grad():
+        ours = model.lm_logits(model(batch.input_ids, batch.roles, Phase.PRETRAIN).hidden_states)[:, 1:]
+        base = model.base_lm(input_ids=batch.input_ids[:, 1:]).logits
+    torch.testing.assert_close(ours, base, atol=1e-4, rtol=1e-4)
+
+
+def test_default_model_cached_loop_is_exact(model):
+    requests = [
+        Request([{"role": "user", "content": q}], prefill=prefill, sampling=Sampling(max_new_tokens=16),
+                policy=Policy(schedule=schedule, reliance="low", r1=4, r2=5, r3=3))
+        for q, prefill, schedule in [
+            ("How do plants make food?", "", "every"),
+            ("Give me a tip for sleeping better.", "Sure,", "periodic:3"),
+            ("What is a prime number?", "", "annealing"),
+        ]
+    ]
+    fast = generate(model, requests, batch_size=3)
+    slow = generate(model, requests, reference=True)
+    for a, b in zip(fast, slow):
+        assert a.token_ids == b.token_ids
+        assert len(a.trace) == len(b.trace) > 3
+        assert max(abs(t.p_malicious - u.p_malicious) for t, u in zip(a.trace, b.trace)) <= 1e-4
+
+
+def test_default_model_plain_mode_equals_hf_generate(model):
+    prompts = ["Name three colours of the rainbow.", "Write one sentence about the moon."]
+    requests = [Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=24), policy=Policy(schedule="none"))
+                for p in prompts]
+    ours = generate(model, requests, batch_size=2)
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.base_lm.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    for generation, row in zip(ours, out[:, enc.input_ids.shape[1]:].tolist()):
+        expected = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+        assert generation.token_ids == expected
