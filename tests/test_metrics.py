@@ -113,3 +113,14 @@ def test_perplexity_matches_an_unbatched_reference(tiny_ess, plain):
 def test_perplexity_needs_reference_answers(tiny_ess):
     with pytest.raises(ValueError, match="reference response"):
         perplexity(tiny_ess, [Example.from_prompt("q", "benign")])
+
+
+def test_calibrated_threshold_only_rises_to_meet_the_false_positive_budget():
+    from ess.metrics import calibrated_threshold
+
+    assert calibrated_threshold([0.1, 0.2, 0.3, 0.4], 0.05) == 0.5  # nothing flagged at 0.5: unchanged
+    scores = [0.9, 0.8, 0.7] + [0.1] * 17  # 20 benign scores, 3 of them above 0.5
+    threshold = calibrated_threshold(scores, 0.10)  # at most 2 of 20 may be flagged
+    assert 0.7 < threshold < 0.71
+    assert sum(s >= threshold for s in scores) == 2
+    assert calibrated_threshold(scores, 0.0) > 0.9

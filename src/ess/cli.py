@@ -25,7 +25,7 @@ def _load_ess_model(value: str):
 
 
 _TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "max_steps", "max_length",
-                "save_every", "seed", "lambda_cls", "data", "pretrain_data", "examples")
+                "save_every", "seed", "lambda_cls", "data", "pretrain_data", "examples", "calibration_fraction")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=int, default=d.max_length, help=f"longest sequence in tokens (default {d.max_length})")
     train.add_argument("--lambda-cls", type=float, help="weight of the [CLS] loss (default 0.01 pretrain, 0.1 align)")
     train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture (default: twice the smaller class)")
+    train.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
+                       help=f"share of each class held out to calibrate the threshold (default {d.calibration_fraction:g}; 0: 0.5)")
     train.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
     train.add_argument("--seed", type=int, default=d.seed)
     train.set_defaults(run=cmd_train)

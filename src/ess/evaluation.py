@@ -422,7 +422,8 @@ def run_eval(config: EvalConfig) -> dict:
     try:
         for key in order:
             tokenizer = _tokenizer_of(models, key, refs)
-            ctx = AttackContext(tokenizer=tokenizer, reference=reference.get, data_root=Path(config.data_root))
+            ctx = AttackContext(tokenizer=tokenizer, reference=reference.get, data_root=Path(config.data_root),
+                                model=lambda key=key: models.get(key), plain=policies[key].schedule == "none")
             items = _items(key, tasks, attacks, prompts, ctx)
             pending = [item for item in items if item.key not in store.keys]
             bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=f"eval {key}", unit="answer",

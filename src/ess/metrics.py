@@ -104,3 +104,16 @@ def perplexity(model, examples: Sequence[Example], batch_size: int = 8, plain: b
         total_nll += float(nll)
         total_tokens += int(where.sum())
     return math.exp(total_nll / total_tokens)
+
+
+def calibrated_threshold(benign_scores: Sequence[float], max_false_positive_rate: float, floor: float = 0.5) -> float:
+    """The smallest threshold >= `floor` that flags at most `max_false_positive_rate` of the benign scores.
+
+    Raises the verdict threshold only where held-out benign prompts would be over-flagged at the
+    floor; a score equal to the threshold counts as flagged, so the result sits just above it.
+    """
+    allowed = int(max_false_positive_rate * len(benign_scores))
+    ranked = sorted(benign_scores, reverse=True)
+    if len(ranked) <= allowed or ranked[allowed] < floor:
+        return floor
+    return min(1.0, float(ranked[allowed]) + 1e-6)

@@ -155,11 +155,15 @@ class ESSModel(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base_lm.get_output_embeddings()(hidden)
 
-    def embed(self, input_ids: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the [CLS] row wherever the role is CLS."""
-        # The [CLS] id may lie past the embedding matrix (it is never looked up there).
-        safe_ids = input_ids.clamp(max=self.vocab_rows - 1)
-        embeds = self.base_lm.get_input_embeddings()(safe_ids)
+    def embed(self, input_ids: torch.Tensor, roles: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the [CLS] row wherever the role is CLS (`inputs_embeds`, if given,
+        replaces the lookup of `input_ids`: the gradient path of GCG)."""
+        if inputs_embeds is None:
+            # The [CLS] id may lie past the embedding matrix (it is never looked up there).
+            safe_ids = input_ids.clamp(max=self.vocab_rows - 1)
+            embeds = self.base_lm.get_input_embeddings()(safe_ids)
+        else:
+            embeds = inputs_embeds
         is_cls = (roles == Role.CLS)[..., None]
         return torch.where(is_cls, self.cls_embedding.to(embeds.dtype), embeds)
 
@@ -173,14 +177,16 @@ class ESSModel(nn.Module):
         lm_targets: torch.Tensor | None = None,
         cls_labels: torch.Tensor | None = None,
         lambda_cls: float | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> ESSOutput:
         """One pass over [CLS] + text with the attention rules of `phase`.
 
         `lm_targets` [b, n] holds, at each position, the token to predict there (-100 where no LM
         loss applies); `cls_labels` [b] the class of each row. With either, the loss is
-        `L_lm + λ·L_cls`, λ being `lambda_cls` or the phase's λ of the config.
+        `L_lm + λ·L_cls`, λ being `lambda_cls` or the phase's λ of the config. `inputs_embeds`
+        [b, n, hidden] replaces the token lookup (the [CLS] row is still substituted by role).
         """
-        embeds = self.embed(input_ids, roles)
+        embeds = self.embed(input_ids, roles, inputs_embeds)
         mask = additive_mask(attention_allowed(roles, roles, phase), embeds.dtype)
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(roles), use_cache=False

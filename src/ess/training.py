@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .data.encoding import ChatEncoder, Encoded
-from .data.recipe import alignment_examples, load_sources, pretraining_texts
+from .data.recipe import alignment_examples, calibration_split, load_sources, pretraining_texts
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
 
@@ -67,18 +67,22 @@ def train(config: TrainConfig, base: str) -> Path:
         accelerator.print(f"resuming from {checkpoint}")
     model.to(accelerator.device).train()
     encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token, config.max_length)
+    examples, calibration = calibration_split(load_sources(config.data), config.calibration_fraction, config.seed)
+    held_out = {e.prompt for e in calibration}
 
     for phase in PHASES[config.phase]:
         if phase in state["phases_done"]:
             continue
         # The first process generates and caches the base model's answers; the others read them.
         with accelerator.main_process_first():
-            items = _phase_items(phase, config, model, encoder)
+            items = _phase_items(phase, config, model, encoder, examples, held_out)
         start = state["step"] if state["phase"] == phase else 0
         optimizer_state = checkpoint / "optimizer.safetensors" if checkpoint and start else None
         _run_phase(phase, items, model, encoder, config, accelerator, out, start, optimizer_state, state["phases_done"])
         state = {"phase": None, "step": 0, "phases_done": state["phases_done"] + [phase]}
 
+    if Phase.ALIGN in PHASES[config.phase] and calibration:
+        _calibrate(model, calibration, config, accelerator)
     if accelerator.is_main_process:
         _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
     accelerator.wait_for_everyone()
@@ -104,13 +108,35 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
     accelerator.wait_for_everyone()
 
 
-def _phase_items(phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder) -> list[Encoded]:
+def _phase_items(
+    phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder, examples: list, held_out: set[str]
+) -> list[Encoded]:
+    """Encoded sequences of a phase; prompts held out for calibration appear in neither phase."""
     base = model.config.base_model
     if phase == Phase.PRETRAIN:
-        texts = pretraining_texts(load_sources(config.pretrain_data or config.data), base, model.tokenizer, config.seed)
+        sources = load_sources(config.pretrain_data) if config.pretrain_data else examples
+        sources = [e for e in sources if e.prompt not in held_out]
+        texts = pretraining_texts(sources, base, model.tokenizer, config.seed)
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in texts]
-    examples = alignment_examples(load_sources(config.data), base, config.examples, config.seed)
-    return [encoder.encode_example(example) for example in examples]
+    mixture = alignment_examples(examples, base, config.examples, config.seed)
+    return [encoder.encode_example(example) for example in mixture]
+
+
+def _calibrate(model: ESSModel, calibration: list, config: TrainConfig, accelerator) -> None:
+    """Set the verdict threshold from the held-out calibration prompts (see `calibrated_threshold`)."""
+    from .classify import classify
+    from .metrics import calibrated_threshold
+
+    model.eval()
+    scores = [v.p_malicious for v in classify(model, [e.query for e in calibration])]
+    benign = [s for s, e in zip(scores, calibration) if e.label == "benign"]
+    malicious = [s for s, e in zip(scores, calibration) if e.label == "malicious"]
+    threshold = calibrated_threshold(benign, config.max_false_positive_rate)
+    model.config.threshold = threshold
+    flagged = sum(s >= threshold for s in malicious) / max(1, len(malicious))
+    false_alarms = sum(s >= threshold for s in benign) / max(1, len(benign))
+    accelerator.print(f"calibration on {len(calibration)} held-out prompts: threshold {threshold:.3f}, "
+                      f"flags {flagged:.1%} of harmful and {false_alarms:.1%} of benign")
 
 
 def _data_order(n_items: int, n_needed: int, seed: int) -> list[int]:

@@ -54,6 +54,10 @@ class AttackContext:
     """prompt -> the undefended base model's greedy answer (supplied by the harness), or None."""
     data_root: Path = DEFAULT_DATA_ROOT
     """Folder of the shared datasets (default data files of `pap`, `autodan`)."""
+    model: Callable[[], Any] | None = None
+    """() -> the ESSModel under attack, loaded on demand (white-box attacks: `gcg`), or None."""
+    plain: bool = False
+    """Whether the model under attack answers without [CLS] (a baseline, or schedule `none`)."""
 
     def reference_answer(self, prompt: str) -> str | None:
         """The reference (undefended) answer to `prompt`, or None where the harness supplies none."""

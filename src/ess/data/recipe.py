@@ -33,6 +33,18 @@ def _split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
     return benign, malicious
 
 
+def calibration_split(examples: list[Example], fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, calibration): `fraction` of each class held out, chosen by a seeded shuffle."""
+    rng = random.Random(seed + 1)
+    train, calibration = [], []
+    for label in ("benign", "malicious"):
+        group = rng.sample([e for e in examples if e.label == label], sum(e.label == label for e in examples))
+        cut = round(fraction * len(group))
+        calibration += group[:cut]
+        train += group[cut:]
+    return train, calibration
+
+
 def alignment_examples(examples: list[Example], base: str, size: int | None = None, seed: int = 0) -> list[Example]:
     """A shuffled 50/50 mixture with responses; `size` defaults to twice the smaller class."""
     rng = random.Random(seed)
