@@ -143,3 +143,19 @@ def test_checkpoint_round_trip_is_exact(tiny_llama, tmp_path, adapter):
     assert torch.equal(a.cls_logits, b.cls_logits)
     assert torch.equal(a.hidden_states, b.hidden_states)
     assert loaded.config == model.config
+
+
+def test_forced_prefix_is_read_but_not_trained(tiny_llama):
+    model = _model(tiny_llama)
+    encoder = _encoder(model)
+    guiding = "Sorry, I cannot fulfill your request because"
+    example = Example.from_prompt("bad request", "malicious", response=f"{guiding} it is harmful.",
+                                  meta={"forced_prefix": guiding})
+    item = encoder.encode_example(example)
+    forced = encoder.tokenize(guiding)
+    start = item.roles.index(Role.RESPONSE)
+    assert item.ids[start : start + len(forced)] == forced  # tokenized as the generator inserts it
+    assert not any(item.lm_target[start : start + len(forced)])
+    assert all(item.lm_target[start + len(forced):])
+    plain = encoder.encode_example(Example.from_prompt("bad request", "malicious", response=f"{guiding} it is harmful."))
+    assert all(plain.lm_target[start:])

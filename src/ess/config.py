@@ -93,9 +93,9 @@ class TrainConfig:
     """Sources of the pretraining-phase corpus (see `ess.data.recipe`); default: `data`."""
     data: list[str] = field(default_factory=lambda: ["seed"])
     """Sources of the alignment-phase examples (`seed`, files or hub ids)."""
-    calibration_fraction: float = 0.1
+    calibration_fraction: float = 0.0
     """Share of each class of the alignment data held out (from both phases) to calibrate the
-    verdict threshold; 0 keeps the threshold at 0.5."""
+    verdict threshold; 0 (default) keeps the paper's 0.5."""
     max_false_positive_rate: float = 0.05
     """The threshold is raised above 0.5 until at most this share of the held-out benign prompts is flagged."""
     examples: int | None = None

@@ -663,7 +663,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "(seed:heldout_harmful)")
     parser.add_argument("--benign-prompts", help="benign prompts for over-refusal and the [CLS] AUROC (e.g. XSTest csv)")
     parser.add_argument("--attacks", help="comma-separated attack specs (default direct): direct, prefill:K, "
-                        "decoding[:quick], deepinception, autodan, pap[:all|PATH], dan:PATH, past-tense")
+                        "decoding[:quick], deepinception, autodan, pap[:all|PATH], dan:PATH, past-tense, "
+                        "gcg[:steps=N:width=N:len=N] (GCG settings separated by ':')")
     parser.add_argument("--judge", default="keyword", help="keyword (default), guard:PATH|ID or endpoint[:MODEL]")
     parser.add_argument("--judge-base-url", help="endpoint judge: API root, e.g. http://localhost:8000/v1 "
                         "(env ESS_JUDGE_BASE_URL)")

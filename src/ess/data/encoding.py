@@ -84,13 +84,18 @@ class ChatEncoder:
         """The query as the model sees it before answering (chat template + generation prompt)."""
         return self.tokenize(self.render_query(messages))
 
-    def response_ids(self, messages: list[dict[str, str]], response: str) -> list[int]:
+    def response_ids(self, messages: list[dict[str, str]], response: str, forced_prefix: str = "") -> tuple[list[int], int]:
+        """Token ids of what the template adds after the query for the assistant's answer, and how
+        many of them are a forced prefix: tokenized on its own, exactly as the generator inserts it."""
         query = self.render_query(messages)
         full = self.tokenizer.apply_chat_template(
             messages + [{"role": "assistant", "content": response}], tokenize=False
         )
         tail = full[len(query):] if full.startswith(query) else response + (self.tokenizer.eos_token or "")
-        return self.tokenize(tail)
+        if forced_prefix and tail.startswith(forced_prefix):
+            forced = self.tokenize(forced_prefix)
+            return forced + self.tokenize(tail[len(forced_prefix):]), len(forced)
+        return self.tokenize(tail), 0
 
     def _finish(self, ids: list[int], roles: list[int], label: int, lm_target: list[bool]) -> Encoded:
         if self.max_length is not None:
@@ -105,14 +110,19 @@ class ChatEncoder:
         return self._finish(ids, roles, label, [False] * len(ids))
 
     def encode_example(self, example: Example) -> Encoded:
-        """[CLS] + query + response; LM targets are the response tokens (alignment phase)."""
+        """[CLS] + query + response (alignment phase). LM targets are the response tokens, except a
+        forced prefix (`meta["forced_prefix"]`, e.g. the guiding text that strategic decoding
+        inserts), which the model reads but is not trained to produce."""
         head = self.encode_query(example.query, LABELS.index(example.label))
-        response = self.response_ids(example.query, example.response) if example.response else []
+        response, forced = (
+            self.response_ids(example.query, example.response, example.meta.get("forced_prefix", ""))
+            if example.response else ([], 0)
+        )
         return self._finish(
             head.ids + response,
             head.roles + [int(Role.RESPONSE)] * len(response),
             head.label,
-            head.lm_target + [True] * len(response),
+            head.lm_target + [False] * forced + [True] * (len(response) - forced),
         )
 
     def encode_text(self, text: str, label: str, lm_loss: bool = True) -> Encoded:

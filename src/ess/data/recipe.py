@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from .distill import base_answers
 from .loaders import load_examples
-from .refusals import explained_refusal
+from .refusals import GUIDING_TEXT, explained_refusal
 from .schema import Example
 
 _REFUSAL_MARKERS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "sorry,", "i won't", "as an ai", "not able to")
@@ -55,7 +55,12 @@ def alignment_examples(examples: list[Example], base: str, size: int | None = No
     needs_answer = [e.prompt for e in benign if not e.response]
     answers = base_answers(base, needs_answer, desc="benign answers (self-distillation)") if needs_answer else {}
     mixture = [replace(e, response=e.response or answers[e.prompt]) for e in benign]
-    mixture += [replace(e, response=explained_refusal(e, rng)) for e in malicious]
+    # The decision to refuse is [CLS]'s, made explicit by strategic decoding, which inserts the
+    # guiding text; the LM learns the explanation that follows it, not to start refusals on its
+    # own. Trained on whole refusals, the default model refused 43 % of benign-but-alarming
+    # prompts by itself (quickstart, keyword judge), most with a low p(malicious).
+    mixture += [replace(e, response=explained_refusal(e, rng), meta={**e.meta, "forced_prefix": GUIDING_TEXT})
+                for e in malicious]
     mixture = [e for e in mixture if e.response]
     rng.shuffle(mixture)
     return mixture
