@@ -44,7 +44,8 @@ class CachedEngine:
             if not is_plain:  # a plain row has no [CLS]: nobody reads slot 0, so it is the base model
                 self.ids[row, 0] = model.config.cls_token_id
                 self.roles[row, 0] = int(Role.CLS)
-        self.is_aux = torch.isin(self.ids, torch.tensor(sorted(self.aux), device=device))
+        self.aux_ids = torch.tensor(sorted(self.aux), device=device)
+        self.is_aux = torch.isin(self.ids, self.aux_ids)
         self.text_len = torch.tensor([len(q) for q in query_ids], device=device)
         self.cache = SlotCache(model.base_lm.config.num_hidden_layers, self.capacity)
         self.key_slots = torch.arange(self.capacity, device=device)
@@ -88,7 +89,7 @@ class CachedEngine:
         active = torch.tensor([t is not None for t in tokens], device=device)
         self.ids[:, slot] = torch.tensor([t if t is not None else 0 for t in tokens], device=device)
         self.roles[:, slot] = torch.where(active, int(Role.RESPONSE), int(Role.PAD))
-        self.is_aux[:, slot] = torch.isin(self.ids[:, slot], torch.tensor(sorted(self.aux), device=device))
+        self.is_aux[:, slot] = torch.isin(self.ids[:, slot], self.aux_ids)
         token_positions = (self.text_len + self.steps)[:, None]
         self.steps += 1
 
