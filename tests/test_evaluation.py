@@ -314,6 +314,24 @@ def test_interrupted_run_resumes_only_the_missing_records(finished_run, tiny_che
     assert {keys(r) for r in missing} <= {keys(r) for r in redone[-3:]}
 
 
+@needs_data
+@pytest.mark.slow
+def test_gcg_suffixes_are_optimised_once_across_resumes(tiny_checkpoint, tiny_llama, tmp_path, monkeypatch):
+    import ess.attacks.gcg
+
+    config = _config(tiny_checkpoint, tiny_llama, tmp_path / "run", attacks=["gcg:steps=1,width=4,len=3"], limit=1,
+                     benign_prompts=None, probe_limit=0)
+    run_eval(config)
+    first = [json.loads(line) for line in (Path(config.out) / "records.jsonl").read_text().splitlines()]
+    (Path(config.out) / "records.jsonl").unlink()  # a run stopped after the optimisation, before any answer
+    monkeypatch.setattr(ess.attacks.gcg, "run_gcg", lambda *a, **k: pytest.fail("GCG must not run again"))
+    run_eval(config)
+    again = [json.loads(line) for line in (Path(config.out) / "records.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["messages"], r["attack_meta"]["suffix"]) for r in again] == [
+        (r["model"], r["messages"], r["attack_meta"]["suffix"]) for r in first]
+    assert {r["model"] for r in again} == {"model", "baseline"}
+
+
 class _AlwaysNo(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers["Content-Length"]))

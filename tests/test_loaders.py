@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 import types
 from collections import Counter
@@ -363,3 +364,35 @@ def test_seed():
     assert all("category" in ex.meta for ex in examples)
     for name in seed_names():
         assert load_examples(f"seed:{name}", limit=1)
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def _near_duplicates(prompts: list[str], others: list[str], limit: float = 0.6) -> list[tuple[str, str]]:
+    """Pairs whose word-set Jaccard similarity reaches `limit`."""
+    other_words = [(o, _words(o)) for o in others]
+    pairs = []
+    for p in prompts:
+        words = _words(p)
+        pairs += [(p, o) for o, w in other_words if len(words & w) >= limit * len(words | w)]
+    return pairs
+
+
+@needs_seed
+def test_held_out_seed_prompts_are_not_in_training():
+    train = load_prompts("seed")
+    held_out = [p for name in seed_names() if name.startswith("heldout") for p in load_prompts(f"seed:{name}")]
+    assert held_out and len(set(train)) == len(train)
+    assert _near_duplicates(held_out, train) == []
+
+
+@needs_seed
+@needs_shared
+def test_seed_prompts_are_not_taken_from_evaluation_sets():
+    seed = [p for name in seed_names() for p in load_prompts(f"seed:{name}")]
+    public = (load_prompts(SHARED / "advbench" / "harmful_behaviors.csv")
+              + load_prompts(SHARED / "malicious_instruct" / "MaliciousInstruct.txt")
+              + load_prompts(SHARED / "xstest" / "xstest_prompts.csv"))
+    assert _near_duplicates(seed, public) == []

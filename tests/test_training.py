@@ -108,3 +108,21 @@ def test_bad_input_is_one_clear_line(tiny_llama, tmp_path, argv, message):
     result = subprocess.run(ESS + argv, capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_alignment_steps_interleave_replay_steps():
+    from ess.config import TrainConfig
+    from ess.training import _Schedule
+
+    schedule = _Schedule(10, 7, per_step=2, config=TrainConfig(out="x", replay_every=2), epochs=1.0, seed=0)
+    steps = [schedule.rows(step, 0, 2) for step in range(schedule.total)]
+    assert [replay for replay, _ in steps] == [False, False, True, False, False, True, False]
+    assert sorted(i for replay, rows in steps if not replay for i in rows) == list(range(10))  # one epoch
+    replayed = [i for replay, rows in steps if replay for i in rows]
+    assert len(replayed) == len(set(replayed)) == 4 and all(0 <= i < 7 for i in replayed)
+    # Two processes of batch 1 split each step's rows between them.
+    assert all(schedule.rows(s, 0, 1)[1] + schedule.rows(s, 1, 1)[1] == steps[s][1] for s in range(schedule.total))
+    assert _Schedule(10, 7, 2, TrainConfig(out="x", replay_every=0), 1.0, 0).total == 5
+    assert _Schedule(10, 0, 2, TrainConfig(out="x"), 1.0, 0).total == 5  # the pretraining phase: no replay
+    capped = _Schedule(10, 7, 2, TrainConfig(out="x", max_steps=6), 1.0, 0)
+    assert (capped.total, capped.main_steps) == (6, 4)

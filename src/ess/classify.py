@@ -27,7 +27,7 @@ def as_messages(query: str | Messages) -> Messages:
 @torch.no_grad()
 def classify(model: ESSModel, queries: list[str | Messages], batch_size: int = 16) -> list[Verdict]:
     """p(malicious) of [CLS] + query (chat template and generation prompt included), batched."""
-    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token)
+    encoder = ChatEncoder.for_model(model)
     verdicts: list[Verdict] = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]

@@ -24,8 +24,9 @@ def _load_ess_model(value: str):
 # ---- subcommands ------------------------------------------------------------------------------
 
 
-_TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "max_steps", "max_length",
-                "save_every", "seed", "lambda_cls", "data", "pretrain_data", "examples", "calibration_fraction")
+_TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "pretrain_epochs", "max_steps",
+                "max_length", "replay_every", "save_every", "seed", "lambda_cls", "data", "pretrain_data", "examples",
+                "calibration_fraction")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (rerun with the same --out to resume)")
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--max-steps", type=int, help="stop each phase after N optimiser steps")
-    train.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over each phase's data (default {d.epochs:g})")
+    train.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the alignment data (default {d.epochs:g})")
+    train.add_argument("--pretrain-epochs", type=float, default=d.pretrain_epochs,
+                       help=f"passes over the pretraining-phase corpus (default {d.pretrain_epochs:g})")
     train.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 LoRA, 2e-5 full)")
     train.add_argument("--head-lr", type=float, default=d.head_lr, help=f"learning rate of the [CLS] row and head (default {d.head_lr:g})")
     train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step and process (default {d.batch_size})")
@@ -182,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture (default: twice the smaller class)")
     train.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                        help=f"share of each class held out to calibrate the threshold (default {d.calibration_fraction:g}; 0: 0.5)")
+    train.add_argument("--replay-every", type=int, default=d.replay_every,
+                       help=f"alignment: a [CLS] step on response-text windows after every N steps "
+                       f"(default {d.replay_every}; 0: none)")
     train.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
     train.add_argument("--seed", type=int, default=d.seed)
     train.set_defaults(run=cmd_train)

@@ -14,7 +14,8 @@ Files in `out` (a rerun with the same `out` resumes and redoes nothing finished)
   "over_refusal", "auroc"}, "baseline": {...}}, "probe": {...}}`.
 - `report.md` and figures (`ess.reporting`); `run.json`, the settings a resume must share (models,
   policies, token budget, seed); `reference_answers.jsonl`, `first_verdicts.json` and `probe.json`
-  cache the expensive side results for resumes.
+  cache the expensive side results for resumes, `attacked_inputs.jsonl` the inputs of costly
+  attacks (a GCG suffix is optimised once, even if the run is stopped and resumed).
 
 A harmful prompt is broken by an attack if ANY of the attack's configurations yields an unsafe
 answer; ASR is the share of broken prompts. The judge reads the model's own continuation: a
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .attacks import DEFAULT_DATA_ROOT, AttackContext, AttackedInput, AttackError, get_attack
+from .attacks import DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, AttackError, get_attack
 from .data.loaders import load_examples
 from .data.schema import Example
 from .generation.types import Policy, Request, Sampling
@@ -152,39 +153,76 @@ def record_key(record: dict) -> RecordKey:
     return (record["model"], record["task"], record["attack"], record["config"], record["index"])
 
 
-class RecordStore:
-    """`records.jsonl`, appended to as answers come in; knows which records are finished."""
+class JsonlLog:
+    """An append-only JSONL file that survives an interrupted write (a cut last line is dropped)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.records: list[dict] = []
+        self.rows: list[dict] = []
         if path.exists():
             lines = path.read_text(encoding="utf-8").split("\n")
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
-                    self.records.append(json.loads(line))
+                    self.rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    # Only the last line can be cut short (an interrupted write); drop it.
                     if any(rest.strip() for rest in lines[number:]):
-                        raise EvalError(f"{path}:{number}: not a JSON record; is this an ess eval folder?") from None
+                        raise EvalError(f"{path}:{number}: not a JSON line; is this an ess eval folder?") from None
                     self.rewrite()
-        self.keys = {record_key(r) for r in self.records}
 
-    def add(self, records: list[dict]) -> None:
+    def add(self, rows: list[dict]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records += records
-        self.keys.update(record_key(r) for r in records)
+        self.rows += rows
 
     def rewrite(self) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows), encoding="utf-8")
         os.replace(tmp, self.path)
+
+
+class RecordStore(JsonlLog):
+    """`records.jsonl`, appended to as answers come in; knows which records are finished."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.keys = {record_key(r) for r in self.rows}
+
+    @property
+    def records(self) -> list[dict]:
+        return self.rows
+
+    def add(self, records: list[dict]) -> None:
+        super().add(records)
+        self.keys.update(record_key(r) for r in records)
+
+
+class CostlyInputs(JsonlLog):
+    """`attacked_inputs.jsonl`: the inputs of costly attacks (GCG), written as each is built, so
+    that a resumed run reuses them instead of optimising again."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.built = {self._key(r["model"], r["task"], r["attack"], r["index"]): r["inputs"] for r in self.rows}
+
+    @staticmethod
+    def _key(model: str, task: str, attack: str, index: int) -> tuple:
+        return (model, task, attack, index)
+
+    def build(self, model: str, task: str, attack: Attack, index: int, example: Example,
+              ctx: AttackContext) -> list[AttackedInput]:
+        if not attack.costly:
+            return attack.build(example, ctx)
+        key = self._key(model, task, attack.spec, index)
+        if key not in self.built:
+            inputs = [dataclasses.asdict(i) for i in attack.build(example, ctx)]
+            self.add([{"model": model, "task": task, "attack": attack.spec, "index": index, "inputs": inputs}])
+            self.built[key] = inputs
+        return [AttackedInput(**{**i, "sampling": Sampling(**i["sampling"])}) for i in self.built[key]]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -407,6 +445,7 @@ def run_eval(config: EvalConfig) -> dict:
         print(f"ess eval: {config.model} is not an ESS checkpoint: evaluated as a plain model", file=sys.stderr)
     _check_settings(out / "run.json", config, refs, policies)
     store = RecordStore(out / "records.jsonl")
+    costly = CostlyInputs(out / "attacked_inputs.jsonl")
     _check_prompts(store, prompts)
     _rejudge(store, prompts, judge)
 
@@ -424,7 +463,7 @@ def run_eval(config: EvalConfig) -> dict:
             tokenizer = _tokenizer_of(models, key, refs)
             ctx = AttackContext(tokenizer=tokenizer, reference=reference.get, data_root=Path(config.data_root),
                                 model=lambda key=key: models.get(key), plain=policies[key].schedule == "none")
-            items = _items(key, tasks, attacks, prompts, ctx)
+            items = _items(key, tasks, attacks, prompts, ctx, costly)
             pending = [item for item in items if item.key not in store.keys]
             bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=f"eval {key}", unit="answer",
                        dynamic_ncols=True)
@@ -453,14 +492,14 @@ def run_eval(config: EvalConfig) -> dict:
 
 
 def _items(key: str, tasks: list[Task], attacks: dict, prompts: dict[str, list[Example]],
-           ctx: AttackContext) -> list[_Item]:
+           ctx: AttackContext, costly: CostlyInputs) -> list[_Item]:
     """Every request of one model: prompts x attacks x configurations, then the benign prompts as they are."""
     items = [
         _Item(key, task.name, attack.spec, index, example, attacked)
         for task in tasks
         for attack in attacks[task.name]
         for index, example in enumerate(prompts[task.name])
-        for attacked in attack.build(example, ctx)
+        for attacked in costly.build(key, task.name, attack, index, example, ctx)
     ]
     items += [_Item(key, BENIGN_TASK, "direct", index, example, AttackedInput(messages=[dict(m) for m in example.query]))
               for index, example in enumerate(prompts.get(BENIGN_TASK, []))]

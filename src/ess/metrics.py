@@ -82,7 +82,7 @@ def perplexity(model, examples: Sequence[Example], batch_size: int = 8, plain: b
     examples = [e for e in examples if e.response]
     if not examples:
         raise ValueError("perplexity needs examples with a reference response")
-    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token)
+    encoder = ChatEncoder.for_model(model)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = encoder.collate([encoder.encode_example(e) for e in examples[start : start + batch_size]])

@@ -4,10 +4,12 @@ A plain loop in the spirit of nanoGPT rather than a `transformers.Trainer` subcl
 already lives in `ESSModel.forward`, and the loop must checkpoint in safetensors only (Trainer
 pickles optimizer and RNG state) and resume on exactly the next step (the data order is a
 function of the seed and the step, so a resumed run sees the batches the killed one would have).
+The alignment phase interleaves replay steps on the pretraining-phase windows (`replay_every`),
+so that [CLS] keeps judging response text while it learns to judge queries.
 
 Run folder layout:
     train_config.json          the settings; a rerun with the same --out must match them
-    train_log.jsonl            one line per step: phase, step, loss, lm/cls loss, cls accuracy, tokens/s
+    train_log.jsonl            one line per step: phase, step, replay, loss, lm/cls loss, cls accuracy, tokens/s
     checkpoints/latest         name of the newest complete checkpoint (written last, atomically)
     checkpoints/<phase>-<step>/model/ ESS checkpoint; optimizer.safetensors; state.json
     final/                     the trained ESS model
@@ -66,7 +68,7 @@ def train(config: TrainConfig, base: str) -> Path:
         state = json.loads((checkpoint / "state.json").read_text())
         accelerator.print(f"resuming from {checkpoint}")
     model.to(accelerator.device).train()
-    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token, config.max_length)
+    encoder = ChatEncoder.for_model(model, config.max_length)
     examples, calibration = calibration_split(load_sources(config.data), config.calibration_fraction, config.seed)
     held_out = {e.prompt for e in calibration}
 
@@ -75,10 +77,11 @@ def train(config: TrainConfig, base: str) -> Path:
             continue
         # The first process generates and caches the base model's answers; the others read them.
         with accelerator.main_process_first():
-            items = _phase_items(phase, config, model, encoder, examples, held_out)
+            items, replay = _phase_items(phase, config, model, encoder, examples, held_out)
         start = state["step"] if state["phase"] == phase else 0
         optimizer_state = checkpoint / "optimizer.safetensors" if checkpoint and start else None
-        _run_phase(phase, items, model, encoder, config, accelerator, out, start, optimizer_state, state["phases_done"])
+        _run_phase(phase, items, replay, model, encoder, config, accelerator, out, start, optimizer_state,
+                   state["phases_done"])
         state = {"phase": None, "step": 0, "phases_done": state["phases_done"] + [phase]}
 
     if Phase.ALIGN in PHASES[config.phase] and calibration:
@@ -110,16 +113,22 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
 
 def _phase_items(
     phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder, examples: list, held_out: set[str]
-) -> list[Encoded]:
-    """Encoded sequences of a phase; prompts held out for calibration appear in neither phase."""
+) -> tuple[list[Encoded], list[Encoded]]:
+    """(items, replay items) of a phase; prompts held out for calibration appear in neither phase.
+
+    Replay items (alignment phase only) are the pretraining-phase windows without LM targets."""
     base = model.config.base_model
-    if phase == Phase.PRETRAIN:
+    replay = phase == Phase.ALIGN and config.replay_every > 0
+    windows = []
+    if phase == Phase.PRETRAIN or replay:
         sources = load_sources(config.pretrain_data) if config.pretrain_data else examples
         sources = [e for e in sources if e.prompt not in held_out]
-        texts = pretraining_texts(sources, base, model.tokenizer, config.seed)
-        return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in texts]
+        windows = pretraining_texts(sources, base, model.tokenizer, config.seed)
+    if phase == Phase.PRETRAIN:
+        return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed)
-    return [encoder.encode_example(example) for example in mixture]
+    replay_items = [encoder.encode_text(text, label, lm_loss=False) for text, label in windows]
+    return [encoder.encode_example(example) for example in mixture], replay_items
 
 
 def _calibrate(model: ESSModel, calibration: list, config: TrainConfig, accelerator) -> None:
@@ -157,11 +166,43 @@ def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _run_phase(phase, items, model, encoder, config, accelerator, out, start, optimizer_state, phases_done) -> None:
+class _Schedule:
+    """Which batch each step of a phase trains on: the phase's items, with (alignment phase) one
+    replay step after every `every` of them. A function of the step alone, so a resumed run
+    sees exactly the batches the stopped one would have."""
+
+    def __init__(self, n_items: int, n_replay: int, per_step: int, config: TrainConfig, epochs: float, seed: int):
+        self.every = config.replay_every if n_replay else 0
+        if config.max_steps:
+            self.total = config.max_steps
+            replay_steps = self.total // (self.every + 1) if self.every else 0
+            self.main_steps = self.total - replay_steps
+        else:
+            self.main_steps = max(1, math.ceil(epochs * n_items / per_step))
+            replay_steps = self.main_steps // self.every if self.every else 0
+            self.total = self.main_steps + replay_steps
+        self.per_step = per_step
+        self.order = _data_order(n_items, self.main_steps * per_step, seed)
+        self.replay_order = _data_order(n_replay, replay_steps * per_step, seed + 7919) if replay_steps else []
+
+    def rows(self, step: int, rank: int, batch_size: int) -> tuple[bool, list[int]]:
+        """(is a replay step, item indices of this process's batch)."""
+        cycle = self.every + 1
+        replay = bool(self.every) and step % cycle == self.every
+        index = step // cycle if replay else step - (step // cycle if self.every else 0)
+        order = self.replay_order if replay else self.order
+        start = index * self.per_step + rank * batch_size
+        return replay, order[start : start + batch_size]
+
+
+def _run_phase(phase, items, replay_items, model, encoder, config, accelerator, out, start, optimizer_state,
+               phases_done) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = config.batch_size * world
-    total = config.max_steps or max(1, math.ceil(config.epochs * len(items) / per_step))
-    order = _data_order(len(items), total * per_step, config.seed + len(phases_done))
+    epochs = config.pretrain_epochs if phase == Phase.PRETRAIN else config.epochs
+    schedule = _Schedule(len(items), len(replay_items), per_step, config, epochs, config.seed + len(phases_done))
+    total = schedule.total
+    lambda_align = config.lambda_cls if config.lambda_cls is not None else model.config.lambda_align
 
     head_params = [model.cls_embedding, *model.head.parameters()]
     head_ids = {id(p) for p in head_params}
@@ -175,19 +216,22 @@ def _run_phase(phase, items, model, encoder, config, accelerator, out, start, op
         optimizer.load_state_dict(_read_optimizer(optimizer_state))
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
 
-    accelerator.print(f"{phase} phase: {len(items)} sequences, {total} steps of {per_step}")
+    replay_note = f", a replay step on {len(replay_items)} windows after every {schedule.every}" if schedule.every else ""
+    accelerator.print(f"{phase} phase: {len(items)} sequences{replay_note}, {total} steps of {per_step}")
     bar = tqdm(total=total, initial=start, desc=phase, unit="step", disable=not accelerator.is_local_main_process)
     log = (out / "train_log.jsonl").open("a") if accelerator.is_main_process else None
     step, started, tokens = start, time.time(), 0
     interrupted = _InterruptFlag()
     try:
         for step in range(start, total):
-            rows = order[step * per_step + rank * config.batch_size : step * per_step + (rank + 1) * config.batch_size]
-            batch = encoder.collate([items[i] for i in rows]).to(accelerator.device)
+            replay, rows = schedule.rows(step, rank, config.batch_size)
+            source, step_phase = (replay_items, Phase.PRETRAIN) if replay else (items, phase)
+            batch = encoder.collate([source[i] for i in rows]).to(accelerator.device)
             factor = _lr_factor(step, total, config.warmup_ratio)
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * factor
-            output = ddp_model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels, config.lambda_cls)
+            weight = lambda_align if replay else config.lambda_cls
+            output = ddp_model(batch.input_ids, batch.roles, step_phase, batch.lm_targets, batch.cls_labels, weight)
             accelerator.backward(output.loss)
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
@@ -201,8 +245,8 @@ def _run_phase(phase, items, model, encoder, config, accelerator, out, start, op
             bar.set_postfix(loss=f"{loss:.3f}", cls=f"{cls_loss:.3f}", acc=f"{acc:.2f}", tok_s=f"{rate:.0f}")
             bar.update(1)
             if log:
-                row = {"phase": phase, "step": step + 1, "loss": loss, "lm_loss": lm_loss, "cls_loss": cls_loss,
-                       "cls_acc": acc, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}
+                row = {"phase": phase, "step": step + 1, "replay": replay, "loss": loss, "lm_loss": lm_loss,
+                       "cls_loss": cls_loss, "cls_acc": acc, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == total or interrupted:

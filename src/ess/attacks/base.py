@@ -70,6 +70,8 @@ class Attack:
     name: ClassVar[str] = ""
     spec: str = ""
     """The spec the attack was built from (`prefill:10`); records and summaries are keyed by it."""
+    costly: ClassVar[bool] = False
+    """`build` runs an optimisation: the harness stores the inputs it builds and reuses them on resume."""
 
     @classmethod
     def from_arg(cls, arg: str | None) -> "Attack":

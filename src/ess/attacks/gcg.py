@@ -195,7 +195,7 @@ class GCGProblem:
         self.model, self.example, self.config, self.plain = model, example, config, plain
         self.adaptive = config.adaptive and not plain
         tokenizer = model.tokenizer
-        self.encoder = ChatEncoder(tokenizer, model.config.cls_token_id, model.config.cls_token)
+        self.encoder = ChatEncoder.for_model(model)
         self.target = config.target or example.meta.get("target") or DEFAULT_TARGET
         self.target_ids = self.encoder.tokenize(self.target)
         if not self.target_ids:
@@ -352,6 +352,7 @@ def run_gcg(model, example: Example, config: GCGConfig, plain: bool = False, log
 @register_attack
 class GCGAttack(Attack):
     name = "gcg"
+    costly = True
 
     def __init__(self, config: GCGConfig | None = None):
         self.config = config or GCGConfig()

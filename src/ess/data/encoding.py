@@ -64,6 +64,11 @@ class ChatEncoder:
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
+    @classmethod
+    def for_model(cls, model, max_length: int | None = None) -> "ChatEncoder":
+        """The encoder of an `ESSModel`: its tokenizer and its [CLS] token."""
+        return cls(model.tokenizer, model.config.cls_token_id, model.config.cls_token, max_length)
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of text that may contain the literal string "[CLS]" without ever producing the
         [CLS] id: user text must not be able to inject a second safety token."""

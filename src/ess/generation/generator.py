@@ -103,8 +103,8 @@ class _Row:
         return None
 
 
-def _run_batch(model: ESSModel, requests: list[Request], first_index: int, engine_class) -> list[Generation]:
-    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token)
+def _run_batch(model: ESSModel, encoder: ChatEncoder, requests: list[Request], first_index: int,
+               engine_class) -> list[Generation]:
     rows = [_Row(first_index + i, r, encoder, model.config.threshold) for i, r in enumerate(requests)]
     extra = max(
         len(row.forced) + row.request.sampling.max_new_tokens
@@ -168,14 +168,15 @@ def generate(
     `reference=True` runs the exact from-scratch loop instead of the cached one (slow; for tests).
     """
     engine_class = ReferenceEngine if reference else CachedEngine
-    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token)
+    encoder = ChatEncoder.for_model(model)
     # Similar lengths together: less padding per batch.
     order = sorted(range(len(requests)), key=lambda i: len(encoder.render_query(requests[i].messages)))
     results: list[Generation | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="generate", unit="answer", disable=not progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for index, generation in zip(chunk, _run_batch(model, [requests[i] for i in chunk], chunk[0], engine_class)):
+        batch = _run_batch(model, encoder, [requests[i] for i in chunk], chunk[0], engine_class)
+        for index, generation in zip(chunk, batch):
             results[index] = generation
         bar.update(len(chunk))
     bar.close()
@@ -197,7 +198,7 @@ def next_token_logprobs(model: ESSModel, requests: list[Request]) -> torch.Tenso
     The prefill is fed as response text reading the first verdict's [CLS] (no re-evaluation and
     no intervention: this measures the model's own next-token distribution, for the probe).
     """
-    encoder = ChatEncoder(model.tokenizer, model.config.cls_token_id, model.config.cls_token)
+    encoder = ChatEncoder.for_model(model)
     rows = []
     for request in requests:
         prefill = encoder.tokenize(request.prefill) if request.prefill else []
