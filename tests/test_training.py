@@ -33,7 +33,7 @@ def _steps(out: Path) -> list[tuple[str, int]]:
 
 
 def test_interrupted_run_resumes_without_losing_a_step(tiny_llama, tmp_path):
-    args = ("--max-steps", "8", "--save-every", "100")
+    args = ("--max-steps", "8", "--save-every", "100", "--replay-every", "2")
     straight = tmp_path / "straight"
     subprocess.run(ESS + _train_args(tiny_llama, straight, *args), check=True, capture_output=True)
 
@@ -123,6 +123,6 @@ def test_alignment_steps_interleave_replay_steps():
     # Two processes of batch 1 split each step's rows between them.
     assert all(schedule.rows(s, 0, 1)[1] + schedule.rows(s, 1, 1)[1] == steps[s][1] for s in range(schedule.total))
     assert _Schedule(10, 7, 2, TrainConfig(out="x", replay_every=0), 1.0, 0).total == 5
-    assert _Schedule(10, 0, 2, TrainConfig(out="x"), 1.0, 0).total == 5  # the pretraining phase: no replay
-    capped = _Schedule(10, 7, 2, TrainConfig(out="x", max_steps=6), 1.0, 0)
+    assert _Schedule(10, 0, 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5  # the pretraining phase: no replay
+    capped = _Schedule(10, 7, 2, TrainConfig(out="x", max_steps=6, replay_every=2), 1.0, 0)
     assert (capped.total, capped.main_steps) == (6, 4)
