@@ -207,17 +207,13 @@ class CostlyInputs(JsonlLog):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        self.built = {self._key(r["model"], r["task"], r["attack"], r["index"]): r["inputs"] for r in self.rows}
-
-    @staticmethod
-    def _key(model: str, task: str, attack: str, index: int) -> tuple:
-        return (model, task, attack, index)
+        self.built = {(r["model"], r["task"], r["attack"], r["index"]): r["inputs"] for r in self.rows}
 
     def build(self, model: str, task: str, attack: Attack, index: int, example: Example,
               ctx: AttackContext) -> list[AttackedInput]:
         if not attack.costly:
             return attack.build(example, ctx)
-        key = self._key(model, task, attack.spec, index)
+        key = (model, task, attack.spec, index)
         if key not in self.built:
             inputs = [dataclasses.asdict(i) for i in attack.build(example, ctx)]
             self.add([{"model": model, "task": task, "attack": attack.spec, "index": index, "inputs": inputs}])
