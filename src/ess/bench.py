@@ -7,10 +7,8 @@ same prompts and the same number of generated tokens (EOS ignored). Each configu
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -96,7 +94,3 @@ def run_bench(model: ESSModel, config: BenchConfig, log=print) -> dict:
             "settings": {"max_new_tokens": config.max_new_tokens, "repeats": config.repeats,
                          "device": str(model.device), "dtype": str(model.cls_embedding.dtype),
                          "threads": torch.get_num_threads()}}
-
-
-def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")

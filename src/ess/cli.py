@@ -125,14 +125,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_bench, write_json
+    from .bench import BenchConfig, run_bench
+    from .jsonfiles import write_json
     from .generation import load_model
 
     model = load_model(args.model)
     config = BenchConfig(batch_sizes=tuple(args.batch_sizes), max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     result = run_bench(model, config)
     if args.json:
-        write_json(result, args.json)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .attacks import DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, AttackError, get_attack
+from .attacks import DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, get_attack
 from .data.loaders import load_examples
 from .data.schema import Example
 from .generation.types import Policy, Request, Sampling
-from .judges import Judge, JudgeError, get_judge, refusal_start
+from .jsonfiles import read_json, write_json
+from .judges import Judge, get_judge, refusal_start
 from .metrics import attack_success_rate, auroc, broken_prompts, is_over_refusal
 from .probe import probe_inputs, probe_model, probe_summary
 
@@ -221,19 +222,6 @@ class CostlyInputs(JsonlLog):
         return [AttackedInput(**{**i, "sampling": Sampling(**i["sampling"])}) for i in self.built[key]]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-    except json.JSONDecodeError:
-        return None  # a cache; recomputed
-
-
 # --- work items ----------------------------------------------------------------------------------
 
 
@@ -385,12 +373,12 @@ def _check_settings(path: Path, config: EvalConfig, refs: dict[str, str], polici
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
     }
-    previous = _read_json(path)
+    previous = read_json(path)
     if previous is not None and previous != settings:
         changed = sorted(k for k in settings if previous.get(k) != settings[k])
         raise EvalError(f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
                         "use a new --out folder, or the same settings to resume")
-    _write_json(path, settings)
+    write_json(path, settings)
 
 
 def _check_prompts(store: RecordStore, prompts: dict[str, list[Example]]) -> None:
@@ -479,7 +467,7 @@ def run_eval(config: EvalConfig) -> dict:
         probe = probe_summary({k: cached["models"][k] for k in refs}, config.probe_k, len(probe_examples))
 
     summary = summarize(store.records, tasks, attacks, prompts, judge.name, list(refs), first_verdicts, probe)
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     if config.report:
         from .reporting import write_report
 
@@ -546,14 +534,8 @@ def _reference_answers(path: Path, tasks: list[Task], attacks, prompts, models: 
     """Greedy plain answers of the reference model to the prompts an attack needs them for (cached)."""
     from .generation import generate
 
-    cached = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                cached[row["prompt"]] = row["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a cut-off line of an interrupted run: recomputed
+    log = JsonlLog(path)
+    cached = {row["prompt"]: row["answer"] for row in log.rows}
     needed = {p for t in tasks for a in attacks[t.name] for p in a.references_needed(prompts[t.name])}
     if config.probe_limit:
         needed.update(e.prompt for e in prompts[tasks[0].name][: config.probe_limit] if not e.meta.get("target"))
@@ -565,9 +547,7 @@ def _reference_answers(path: Path, tasks: list[Task], attacks, prompts, models: 
         requests = [Request(messages=[{"role": "user", "content": p}], sampling=greedy, policy=Policy(schedule="none"))
                     for p in missing]
         answers = [g.text for g in generate(model, requests, batch_size=config.batch_size, progress=True)]
-        with path.open("a", encoding="utf-8") as f:
-            for prompt, answer in zip(missing, answers):
-                f.write(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
+        log.add([{"prompt": prompt, "answer": answer} for prompt, answer in zip(missing, answers)])
         cached.update(zip(missing, answers))
     return cached
 
@@ -579,7 +559,7 @@ def _first_verdicts(path: Path, prompts: dict[str, list[Example]], models: _Mode
         return None
     harmful = list(dict.fromkeys(e.prompt for t, ex in prompts.items() if t != BENIGN_TASK for e in ex))
     benign = [e.prompt for e in prompts[BENIGN_TASK]]
-    cached = _read_json(path)
+    cached = read_json(path)
     if cached and cached.get("harmful_prompts") == harmful and cached.get("benign_prompts") == benign:
         return cached
     from .classify import classify
@@ -588,13 +568,13 @@ def _first_verdicts(path: Path, prompts: dict[str, list[Example]], models: _Mode
     scores = [v.p_malicious for v in classify(model, harmful + benign, batch_size=config.batch_size)]
     result = {"harmful_prompts": harmful, "benign_prompts": benign,
               "harmful": scores[: len(harmful)], "benign": scores[len(harmful):]}
-    _write_json(path, result)
+    write_json(path, result)
     return result
 
 
 def _probe_cache(path: Path, examples: list[Example], config: EvalConfig) -> dict:
     """probe.json if it was made on the same prompts with the same K, else an empty one."""
-    cached = _read_json(path) or {}
+    cached = read_json(path) or {}
     prompts = [e.prompt for e in examples]
     if cached.get("prompts") != prompts or cached.get("k") != config.probe_k:
         cached = {"prompts": prompts, "k": config.probe_k, "models": {}}
@@ -611,7 +591,7 @@ def _probe(path: Path, examples: list[Example], key: str, models: _Models, polic
     ctx = AttackContext(tokenizer=model.tokenizer, reference=reference.get, data_root=Path(config.data_root))
     print(f"ess eval: probe of {key} on {len(examples)} prompts", file=sys.stderr)
     cached["models"][key] = probe_model(model, probe_inputs(examples, ctx), policy, config.probe_k, config.batch_size)
-    _write_json(path, cached)
+    write_json(path, cached)
 
 
 def summarize(records: list[dict], tasks: list[Task], attacks: dict, prompts: dict[str, list[Example]],

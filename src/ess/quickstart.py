@@ -54,8 +54,9 @@ def _done(started: float) -> None:
 def run_quickstart(config: QuickstartConfig) -> dict:
     from .bench import BenchConfig, run_bench
     from .config import TrainConfig
-    from .evaluation import EvalConfig, run_eval
+    from .evaluation import EvalConfig, RecordStore, run_eval
     from .generation import load_model
+    from .jsonfiles import write_json
     from .reporting import write_report
     from .training import train
 
@@ -84,14 +85,14 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     bench_file = out / "bench.json"
     if not bench_file.exists():
         bench = run_bench(load_model(str(final)), BenchConfig(batch_sizes=(1,), max_new_tokens=64, repeats=2))
-        bench_file.write_text(json.dumps(bench, indent=2) + "\n")
+        write_json(bench_file, bench)
     bench = json.loads(bench_file.read_text())
     summary["overhead"] = {row["schedule"]: row["overhead"] for row in bench["rows"]}
     _done(started)
 
     _stage(5, "report")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
+    write_json(out / "summary.json", summary)
+    records = RecordStore(out / "records.jsonl").records
     report = write_report(out, summary, records)
     report.write_text(_story(config, summary, bench) + report.read_text())
     print()

@@ -38,7 +38,8 @@ def calibration_split(examples: list[Example], fraction: float, seed: int = 0) -
     rng = random.Random(seed + 1)
     train, calibration = [], []
     for label in ("benign", "malicious"):
-        group = rng.sample([e for e in examples if e.label == label], sum(e.label == label for e in examples))
+        group = [e for e in examples if e.label == label]
+        group = rng.sample(group, len(group))
         cut = round(fraction * len(group))
         calibration += group[:cut]
         train += group[cut:]
