@@ -126,3 +126,22 @@ def test_alignment_steps_interleave_replay_steps():
     assert _Schedule(10, 0, 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5  # the pretraining phase: no replay
     capped = _Schedule(10, 7, 2, TrainConfig(out="x", max_steps=6, replay_every=2), 1.0, 0)
     assert (capped.total, capped.main_steps) == (6, 4)
+
+
+def test_pretraining_corpus_cuts_the_asked_windows_from_each_answer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    from ess.data.loaders import load_examples
+    from ess.data.recipe import pretraining_texts
+    from ess.hub import DEFAULT_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    # Training prompts: the default recipe caches the base model's answers to them.
+    examples = load_examples("seed:benign_train", limit=6) + load_examples("seed:malicious_train", limit=6)
+    refusal_windows = len(examples[6::3])  # one window from every third malicious request's refusal
+    one = pretraining_texts(examples, DEFAULT_MODEL, tokenizer, windows_per_answer=1)
+    two = pretraining_texts(examples, DEFAULT_MODEL, tokenizer, windows_per_answer=2)
+    assert len(one) > refusal_windows
+    assert len(two) - refusal_windows == 2 * (len(one) - refusal_windows)
+    assert {label for _, label in two} == {"benign", "malicious"}
+    assert all(len(tokenizer(text, add_special_tokens=False).input_ids) <= 26 for text, _ in two)

@@ -25,7 +25,7 @@ def _load_ess_model(value: str):
 
 
 _TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "pretrain_epochs", "max_steps",
-                "max_length", "replay_every", "save_every", "seed", "lambda_cls", "data", "pretrain_data", "examples",
+                "max_length", "replay_every", "windows_per_answer", "save_every", "seed", "lambda_cls", "data", "pretrain_data", "examples",
                 "calibration_fraction")
 
 
@@ -161,7 +161,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TrainConfig
+    from .config import ESSConfig, TrainConfig
 
     parser = argparse.ArgumentParser(prog="ess", description="Explicit safety signals for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,13 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head-lr", type=float, default=d.head_lr, help=f"learning rate of the [CLS] row and head (default {d.head_lr:g})")
     train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step and process (default {d.batch_size})")
     train.add_argument("--max-length", type=int, default=d.max_length, help=f"longest sequence in tokens (default {d.max_length})")
-    train.add_argument("--lambda-cls", type=float, help="weight of the [CLS] loss (default 0.01 pretrain, 0.1 align)")
+    train.add_argument("--lambda-cls", type=float, help="weight of the [CLS] loss (default: the ESS config's "
+                       f"{ESSConfig.lambda_pretrain:g} in pretraining, {ESSConfig.lambda_align:g} in alignment)")
     train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture (default: twice the smaller class)")
     train.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                        help=f"share of each class held out to calibrate the threshold (default {d.calibration_fraction:g}; 0: 0.5)")
     train.add_argument("--replay-every", type=int, default=d.replay_every,
                        help=f"alignment: a [CLS] step on response-text windows after every N steps "
                        f"(default {d.replay_every}; 0: none)")
+    train.add_argument("--windows-per-answer", type=int, default=d.windows_per_answer,
+                       help=f"pretraining-phase windows cut from each base-model answer (default {d.windows_per_answer})")
     train.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
     train.add_argument("--seed", type=int, default=d.seed)
     train.set_defaults(run=cmd_train)

@@ -28,8 +28,10 @@ class ESSConfig:
     """`p_malicious` at or above this is a malicious verdict."""
     lambda_pretrain: float = 0.01
     """λ1: weight of the [CLS] loss in the pretraining phase (METHOD.md §4)."""
-    lambda_align: float = 0.1
-    """λ2: weight of the [CLS] loss in the alignment phase (METHOD.md §4)."""
+    lambda_align: float = 1.0
+    """λ2: weight of the [CLS] loss in the alignment phase (METHOD.md §4). The paper's 0.1 suits its
+    29.6k examples; on a few hundred seed examples in one pass, the default model's [CLS] flagged 25 %
+    of held-out benign-but-alarming prompts at 0.1 and 8.8 % at 1.0 (README, *Data*)."""
     adapter: str = "lora"
     """`lora` (a peft adapter on the base's linear layers) or `full` (all weights trained)."""
     lora_r: int = 16
@@ -74,8 +76,7 @@ class TrainConfig:
     """Sequences per optimiser step and process (small batches: more updates for the same compute,
     which the [CLS] head, trained from scratch, needs on a CPU budget)."""
     epochs: float = 1.0
-    """Passes over the alignment data (ignored where `max_steps` is set). `--epochs 2
-    --replay-every 2` gives a better [CLS] at twice the training time (README)."""
+    """Passes over the alignment data (ignored where `max_steps` is set)."""
     pretrain_epochs: float = 1.0
     """Passes over the pretraining-phase corpus (ignored where `max_steps` is set)."""
     max_steps: int | None = None
@@ -95,7 +96,12 @@ class TrainConfig:
     replay_every: int = 0
     """Alignment phase: after every N alignment steps, one step on the pretraining-phase corpus
     with the [CLS] loss alone (weight λ2), so that [CLS] keeps judging response text, which
-    strategic attention relies on (without it the alignment phase can erode that skill); 0: none."""
+    strategic attention relies on; 0: none. It helped at λ2 = 0.1 and hurt at λ2 = 1.0 on the
+    default model (README, *Data*)."""
+    windows_per_answer: int = 2
+    """Windows cut from each base-model answer for the pretraining-phase corpus. With 2 rather than
+    1 (80 s more for the default model on 2 CPU cores), the default recipe's [CLS] turned against 1
+    of 80 held-out benign-but-alarming answers while they were written instead of 10 (README, *Data*)."""
     pretrain_data: list[str] | None = None
     """Sources of the pretraining-phase corpus (see `ess.data.recipe`); default: `data`."""
     data: list[str] = field(default_factory=lambda: ["seed"])

@@ -49,6 +49,8 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if config.phase not in PHASES:
         raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
+    if config.windows_per_answer < 1:
+        raise TrainingError(f"windows_per_answer must be at least 1, not {config.windows_per_answer}")
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.out)
@@ -123,7 +125,7 @@ def _phase_items(
     if phase == Phase.PRETRAIN or replay:
         sources = load_sources(config.pretrain_data) if config.pretrain_data else examples
         sources = [e for e in sources if e.prompt not in held_out]
-        windows = pretraining_texts(sources, base, model.tokenizer, config.seed)
+        windows = pretraining_texts(sources, base, model.tokenizer, config.seed, config.windows_per_answer)
     if phase == Phase.PRETRAIN:
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed)
