@@ -99,9 +99,10 @@ class TrainConfig:
     strategic attention relies on; 0: none. It helped at λ2 = 0.1 and hurt at λ2 = 1.0 on the
     default model (README, *Data*)."""
     windows_per_answer: int = 2
-    """Windows cut from each base-model answer for the pretraining-phase corpus. With 2 rather than
-    1 (80 s more for the default model on 2 CPU cores), the default recipe's [CLS] turned against 1
-    of 80 held-out benign-but-alarming answers while they were written instead of 10 (README, *Data*)."""
+    """Windows cut from each base-model answer for the pretraining-phase corpus (2 costs the default
+    model 80 s more than 1 on 2 CPU cores). With 2, seed 0's [CLS] turned against 1 of 80 held-out
+    benign-but-alarming answers while they were written, against 10 with 1; that count varies
+    widely between seeds (README, *Data*)."""
     pretrain_data: list[str] | None = None
     """Sources of the pretraining-phase corpus (see `ess.data.recipe`); default: `data`."""
     data: list[str] = field(default_factory=lambda: ["seed"])
