@@ -125,7 +125,7 @@ def _phase_items(
     if phase == Phase.PRETRAIN or replay:
         sources = load_sources(config.pretrain_data) if config.pretrain_data else examples
         sources = [e for e in sources if e.prompt not in held_out]
-        windows = pretraining_texts(sources, base, model.tokenizer, config.seed, config.windows_per_answer)
+        windows = pretraining_texts(sources, base, model.tokenizer, config.windows_per_answer, config.seed)
     if phase == Phase.PRETRAIN:
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed)

@@ -68,7 +68,7 @@ def alignment_examples(examples: list[Example], base: str, size: int | None = No
 
 
 def pretraining_texts(
-    examples: list[Example], base: str, tokenizer, seed: int = 0, windows_per_answer: int = 2
+    examples: list[Example], base: str, tokenizer, windows_per_answer: int, seed: int = 0
 ) -> list[tuple[str, str]]:
     """(text, label) pairs: windows of the base model's answers and of explained refusals."""
     rng = random.Random(seed)
