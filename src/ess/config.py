@@ -29,7 +29,7 @@ class ESSConfig:
     lambda_pretrain: float = 0.01
     """λ1: weight of the [CLS] loss in the pretraining phase (METHOD.md §4)."""
     lambda_align: float = 1.0
-    """λ2: weight of the [CLS] loss in the alignment phase (METHOD.md §4). The paper's 0.1 suits its
+    """λ2: weight of the [CLS] loss in the alignment phase (METHOD.md §4). The paper uses 0.1 with
     29.6k examples; on a few hundred seed examples in one pass, the default model's [CLS] flagged 25 %
     of held-out benign-but-alarming prompts at 0.1 and 8.8 % at 1.0 (README, *Data*)."""
     adapter: str = "lora"
