@@ -64,6 +64,17 @@ def test_interrupted_run_resumes_without_losing_a_step(tiny_llama, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("option, value, field", (("--replay-every", "-1", "replay_every"),
+                                                   ("--windows-per-answer", "0", "windows_per_answer"),
+                                                   ("--batch-size", "0", "batch_size")))
+def test_counts_below_their_least_are_refused(tiny_llama, tmp_path, option, value, field):
+    args = _train_args(tiny_llama, tmp_path / "run", option, value)
+    result = subprocess.run(ESS + args, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{field} must be at least" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_changed_flags_on_the_same_out_are_refused(tiny_llama, tmp_path):
     out = tmp_path / "run"
     subprocess.run(ESS + _train_args(tiny_llama, out, "--max-steps", "1"), check=True, capture_output=True)

@@ -49,8 +49,9 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if config.phase not in PHASES:
         raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
-    if config.windows_per_answer < 1:
-        raise TrainingError(f"windows_per_answer must be at least 1, not {config.windows_per_answer}")
+    for name, least in (("batch_size", 1), ("save_every", 1), ("windows_per_answer", 1), ("replay_every", 0)):
+        if getattr(config, name) < least:
+            raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.out)
