@@ -21,17 +21,17 @@ def _model(folder: str, head_std: float = 0.05) -> ESSModel:
 
 def _requests(n_tokens: int) -> list[Request]:
     cases = [
-        ("Hello there, how are you today?", "", "every", "medium"),
-        ("How do I bake a cake?", "Sure, here is", "periodic:3", "low"),
-        ("Hi", "", "annealing", "high"),
-        ("Tell me a story about a dragon and a knight.", "", "none", "medium"),
-        ("What is the capital of France?", "", "every", "medium"),
-        ("Write a haiku", "Autumn", "first", "medium"),
+        ("Hello there, how are you today?", "", "every", "medium", 1),
+        ("How do I bake a cake?", "Sure, here is", "periodic:3", "low", 1),
+        ("Hi", "", "annealing", "high", 1),
+        ("Tell me a story about a dragon and a knight.", "", "none", "medium", 1),
+        ("What is the capital of France?", "", "every", "medium", 3),
+        ("Write a haiku", "Autumn", "first", "medium", 1),
     ]
     return [
         Request([{"role": "user", "content": q}], prefill=prefill, sampling=Sampling(max_new_tokens=n_tokens),
-                policy=Policy(schedule=schedule, reliance=reliance, tau=2, r1=3, r2=4, r3=2))
-        for q, prefill, schedule, reliance in cases
+                policy=Policy(schedule=schedule, reliance=reliance, tau=2, r1=3, r2=4, r3=2, min_window=min_window))
+        for q, prefill, schedule, reliance, min_window in cases
     ]
 
 
@@ -185,3 +185,15 @@ def test_strategic_attention_rules_and_tau():
     assert span.query and (span.start, span.end, span.rule) == (0, 10, 1)
     high = RowPolicy(Policy(reliance="high"), threshold=0.5)
     assert high.first_verdict(0.3) is None and high.observe(0.6, 5) == REFUSE
+
+
+def test_benign_query_is_rejudged_only_once_a_window_of_response_exists():
+    benign = RowPolicy(Policy(schedule="every", min_window=8), threshold=0.5)
+    benign.first_verdict(0.2)
+    assert [n for n in range(1, 12) if benign.wants_reevaluation(n)] == [8, 9, 10, 11]
+    malicious = RowPolicy(Policy(schedule="every", reliance="low", min_window=8), threshold=0.5)
+    malicious.first_verdict(0.9)  # rule 1 reads the query too: no wait
+    assert malicious.wants_reevaluation(1)
+    ablation = RowPolicy(Policy(schedule="every", min_window=8, strategic_attention=False), threshold=0.5)
+    ablation.first_verdict(0.2)
+    assert ablation.wants_reevaluation(1)

@@ -59,7 +59,7 @@ def _policy(args: argparse.Namespace):
     from .generation.policy import validate
     from .model import find_checkpoint
 
-    policy = validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau))
+    policy = validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau, min_window=args.min_window))
     if find_checkpoint(args.model) is None:
         print(f"ess {args.command}: {args.model} is not an ESS checkpoint: generating without ESS", file=sys.stderr)
         policy.schedule = "none"
@@ -146,6 +146,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    from .generation import Policy
+
     parser.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -155,6 +157,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="annealing", help="none | first | every | periodic:K | annealing (default)")
     parser.add_argument("--reliance", default="medium", choices=("low", "medium", "high"))
     parser.add_argument("--tau", type=int, default=3, help="consecutive malicious verdicts before an intervention")
+    parser.add_argument("--min-window", type=int, default=Policy.min_window,
+                        help=f"response tokens before a benign query's [CLS] is re-evaluated (default {Policy.min_window})")
 
 
 # ---- the parser -------------------------------------------------------------------------------

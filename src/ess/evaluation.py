@@ -112,6 +112,8 @@ class EvalConfig:
     """Override of the strategic-decoding reliance; `low` = no strategic decoding (ablation)."""
     tau: int | None = None
     """Override of τ, the consecutive malicious re-evaluations that trigger an intervention."""
+    min_window: int | None = None
+    """Override of the response tokens before a benign query's [CLS] is re-evaluated."""
     strategic_attention: bool = True
     """False: re-evaluations read the whole query and response (ablation of the attention rules)."""
     data_root: str = str(DEFAULT_DATA_ROOT)
@@ -132,7 +134,7 @@ class EvalConfig:
         return main + list(self.extra_tasks)
 
     def model_policy(self) -> Policy:
-        overrides = {"schedule": self.schedule, "reliance": self.reliance, "tau": self.tau}
+        overrides = {"schedule": self.schedule, "reliance": self.reliance, "tau": self.tau, "min_window": self.min_window}
         policy = Policy(**{k: v for k, v in overrides.items() if v is not None})
         policy.strategic_attention = self.strategic_attention
         return policy
@@ -692,6 +694,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", help="ablation: re-evaluation schedule (none, first, every, periodic:K, annealing)")
     parser.add_argument("--reliance", choices=("low", "medium", "high"), help="ablation: strategic-decoding reliance")
     parser.add_argument("--tau", type=int, help="ablation: consecutive malicious verdicts before an intervention")
+    parser.add_argument("--min-window", type=int,
+                        help="ablation: response tokens before a benign query's [CLS] is re-evaluated (1: from the first)")
     parser.add_argument("--no-strategic-attention", action="store_true", help="ablation: re-evaluations read everything")
     parser.add_argument("--no-strategic-decoding", action="store_true", help="ablation: reliance low (no inserted refusal)")
     parser.add_argument("--suite", choices=("paper",), help="paper: AdvBench direct/prefill:5,10,20,40/autodan/"
@@ -714,7 +718,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         model=args.model, out=args.out, prompts=args.prompts, attacks=attacks or ["direct"], baseline=args.baseline,
         benign_prompts=args.benign_prompts, judge=args.judge, judge_options=judge_options, limit=args.limit,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, schedule=args.schedule,
-        reliance="low" if args.no_strategic_decoding else args.reliance, tau=args.tau,
+        reliance="low" if args.no_strategic_decoding else args.reliance, tau=args.tau, min_window=args.min_window,
         strategic_attention=not args.no_strategic_attention, data_root=args.data_root,
         probe_limit=args.probe_limit, seed=args.seed,
     )

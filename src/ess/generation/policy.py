@@ -33,8 +33,8 @@ def validate(policy: Policy) -> Policy:
     schedule_interval(policy.schedule)  # raises on a bad schedule
     if policy.reliance not in RELIANCES:
         raise PolicyError(f"unknown reliance {policy.reliance!r}: expected one of {', '.join(RELIANCES)}")
-    if policy.tau < 1 or min(policy.r1, policy.r2, policy.r3) < 1:
-        raise PolicyError("tau, r1, r2 and r3 must be at least 1")
+    if min(policy.tau, policy.r1, policy.r2, policy.r3, policy.min_window) < 1:
+        raise PolicyError("tau, r1, r2, r3 and min_window must be at least 1")
     return policy
 
 
@@ -84,7 +84,11 @@ class RowPolicy:
         return self._act(self.query_malicious, self.query_malicious)
 
     def wants_reevaluation(self, n: int) -> bool:
-        return not self.intervened and reevaluate_at(self.policy.schedule, n)
+        if self.intervened:
+            return False
+        if n < self.policy.min_window and self.policy.strategic_attention and not self.query_malicious:
+            return False  # too little response text to judge yet
+        return reevaluate_at(self.policy.schedule, n)
 
     def span(self, n: int) -> Span:
         """The span [CLS] reads after n response tokens."""

@@ -50,6 +50,11 @@ class Policy:
     """Rule 2: a benign query's [CLS] reads the latest r2 response tokens."""
     r3: int = 10
     """Rule 3: after a benign->malicious transition at S, [CLS] reads response tokens [S-r2, S+r3]."""
+    min_window: int = 8
+    """Rules 2 and 3: a benign query's [CLS] is re-evaluated only once the response holds this many
+    tokens (1: from the first). [CLS] learns response text on windows of 8 to 24 tokens; verdicts on
+    fewer mostly echoed the query's alarming words ("A romance scam on dating") and made most of the
+    late interventions on benign-but-alarming prompts (README, *Data*)."""
     guiding_text: str = GUIDING_TEXT
     """Inserted at the intervention point (medium reliance); the model continues and explains."""
     refusal_text: str = "Sorry, I cannot fulfill your request."
