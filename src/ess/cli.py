@@ -147,6 +147,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     from .generation import Policy
+    from .generation.types import RELIANCES
 
     parser.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -154,9 +155,11 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--schedule", default="annealing", help="none | first | every | periodic:K | annealing (default)")
-    parser.add_argument("--reliance", default="medium", choices=("low", "medium", "high"))
-    parser.add_argument("--tau", type=int, default=3, help="consecutive malicious verdicts before an intervention")
+    parser.add_argument("--schedule", default=Policy.schedule,
+                        help=f"none | first | every | periodic:K | annealing (default {Policy.schedule})")
+    parser.add_argument("--reliance", default=Policy.reliance, choices=RELIANCES)
+    parser.add_argument("--tau", type=int, default=Policy.tau,
+                        help=f"consecutive malicious verdicts before an intervention (default {Policy.tau})")
     parser.add_argument("--min-window", type=int, default=Policy.min_window,
                         help=f"response tokens before a benign query's [CLS] is re-evaluated (default {Policy.min_window})")
 

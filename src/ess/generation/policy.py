@@ -86,7 +86,7 @@ class RowPolicy:
     def wants_reevaluation(self, n: int) -> bool:
         if self.intervened:
             return False
-        if n < self.policy.min_window and self.policy.strategic_attention and not self.query_malicious:
+        if n < self.policy.min_window and self.span(n).rule in (2, 3):
             return False  # too little response text to judge yet
         return reevaluate_at(self.policy.schedule, n)
 
