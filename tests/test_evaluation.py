@@ -144,10 +144,10 @@ def test_record_store_drops_a_cut_off_last_line_and_refuses_foreign_files(tmp_pa
     good = [_record(index=i) for i in range(3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"model": "mod')
     store = RecordStore(path)
-    assert len(store.records) == 3 and ("model", "main", "direct", "default", 2) in store.keys
+    assert len(store.rows) == 3 and ("model", "main", "direct", "default", 2) in store.keys
     assert path.read_text().count("\n") == 3  # the cut-off line is gone from the file too
     store.add([_record(index=3)])
-    assert len(RecordStore(path).records) == 4
+    assert len(RecordStore(path).rows) == 4
     path.write_text("not json\n" + json.dumps(good[0]) + "\n")
     with pytest.raises(EvalError, match="records.jsonl:1"):
         RecordStore(path)

@@ -7,7 +7,7 @@ import torch
 
 from ess.generation import Policy, Request, Sampling, generate
 from ess.generation.generator import sample_token
-from ess.generation.policy import INSERT, REFUSE, RowPolicy, reevaluate_at
+from ess.generation.policy import INSERT, REFUSE, PolicyError, RowPolicy, reevaluate_at, validate
 from ess.model import ESSModel
 
 
@@ -184,7 +184,7 @@ def test_strategic_attention_rules_and_tau():
     span = low.span(40)
     assert span.query and (span.start, span.end, span.rule) == (0, 10, 1)
     high = RowPolicy(Policy(reliance="high"), threshold=0.5)
-    assert high.first_verdict(0.3) is None and high.observe(0.6, 5) == REFUSE
+    assert high.first_verdict(0.3) is None and high.observe(0.9, 5) == REFUSE
 
 
 def test_benign_query_is_rejudged_only_once_a_window_of_response_exists():
@@ -197,3 +197,15 @@ def test_benign_query_is_rejudged_only_once_a_window_of_response_exists():
     ablation = RowPolicy(Policy(schedule="every", min_window=8, strategic_attention=False), threshold=0.5)
     ablation.first_verdict(0.2)
     assert ablation.wants_reevaluation(1)
+
+
+def test_response_threshold_applies_to_verdicts_on_response_text_only():
+    policy = RowPolicy(Policy(tau=2, response_threshold=0.8), threshold=0.5)
+    assert policy.first_verdict(0.3) is None
+    assert policy.observe(0.7, 10) is None and policy.transition_at is None  # below 0.8: still benign
+    assert policy.observe(0.85, 11) is None and policy.transition_at == 11
+    assert policy.observe(0.9, 12) == INSERT
+    malicious = RowPolicy(Policy(reliance="high", response_threshold=0.8), threshold=0.5)
+    assert malicious.first_verdict(0.6) == REFUSE  # the query verdict keeps the model's threshold
+    with pytest.raises(PolicyError):
+        validate(Policy(response_threshold=1.5))

@@ -59,7 +59,8 @@ def _policy(args: argparse.Namespace):
     from .generation.policy import validate
     from .model import find_checkpoint
 
-    policy = validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau, min_window=args.min_window))
+    policy = validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau, min_window=args.min_window,
+                             response_threshold=args.response_threshold))
     if find_checkpoint(args.model) is None:
         print(f"ess {args.command}: {args.model} is not an ESS checkpoint: generating without ESS", file=sys.stderr)
         policy.schedule = "none"
@@ -162,6 +163,9 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"consecutive malicious verdicts before an intervention (default {Policy.tau})")
     parser.add_argument("--min-window", type=int, default=Policy.min_window,
                         help=f"response tokens before a benign query's [CLS] is re-evaluated (default {Policy.min_window})")
+    parser.add_argument("--response-threshold", type=float, default=Policy.response_threshold,
+                        help="p(malicious) at which a verdict on response text alone counts (rules 2 and 3; "
+                             f"default {Policy.response_threshold})")
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=int, default=d.max_length, help=f"longest sequence in tokens (default {d.max_length})")
     train.add_argument("--lambda-cls", type=float, help="weight of the [CLS] loss (default: the ESS config's "
                        f"{ESSConfig.lambda_pretrain:g} in pretraining, {ESSConfig.lambda_align:g} in alignment)")
-    train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture (default: twice the smaller class)")
+    train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture (default: twice the larger class, so every example is used)")
     train.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                        help=f"share of each class held out to calibrate the threshold (default {d.calibration_fraction:g}; 0: 0.5)")
     train.add_argument("--replay-every", type=int, default=d.replay_every,

@@ -113,7 +113,10 @@ class TrainConfig:
     max_false_positive_rate: float = 0.05
     """The threshold is raised above 0.5 until at most this share of the held-out benign prompts is flagged."""
     examples: int | None = None
-    """Size of the alignment mixture (50/50 benign/malicious); default: twice the smaller class."""
+    """Size of the alignment mixture (50/50 benign/malicious); default: twice the larger class, so
+    that every example is used and the smaller class is repeated. Twice the smaller class left a
+    third of the benign seed prompts out, a different third for each seed; using them all flagged
+    2.5 % of held-out benign-but-alarming prompts instead of 7.5 % at seed 1 (README, *Data*)."""
 
     @property
     def peak_lr(self) -> float:

@@ -114,6 +114,8 @@ class EvalConfig:
     """Override of τ, the consecutive malicious re-evaluations that trigger an intervention."""
     min_window: int | None = None
     """Override of the response tokens before a benign query's [CLS] is re-evaluated."""
+    response_threshold: float | None = None
+    """Override of the p(malicious) at which a verdict on response text alone counts (rules 2, 3)."""
     strategic_attention: bool = True
     """False: re-evaluations read the whole query and response (ablation of the attention rules)."""
     data_root: str = str(DEFAULT_DATA_ROOT)
@@ -134,7 +136,8 @@ class EvalConfig:
         return main + list(self.extra_tasks)
 
     def model_policy(self) -> Policy:
-        overrides = {"schedule": self.schedule, "reliance": self.reliance, "tau": self.tau, "min_window": self.min_window}
+        overrides = {"schedule": self.schedule, "reliance": self.reliance, "tau": self.tau, "min_window": self.min_window,
+                     "response_threshold": self.response_threshold}
         policy = Policy(**{k: v for k, v in overrides.items() if v is not None})
         policy.strategic_attention = self.strategic_attention
         return policy
@@ -194,10 +197,6 @@ class RecordStore(JsonlLog):
     def __init__(self, path: Path):
         super().__init__(path)
         self.keys = {record_key(r) for r in self.rows}
-
-    @property
-    def records(self) -> list[dict]:
-        return self.rows
 
     def add(self, records: list[dict]) -> None:
         super().add(records)
@@ -385,7 +384,7 @@ def _check_settings(path: Path, config: EvalConfig, refs: dict[str, str], polici
 
 def _check_prompts(store: RecordStore, prompts: dict[str, list[Example]]) -> None:
     """A resumed run must see the same prompts at the same indices, or its records mean nothing."""
-    for record in store.records:
+    for record in store.rows:
         examples = prompts.get(record["task"])
         if examples is None or record["index"] >= len(examples):
             continue  # a smaller --limit, or a task left out this time: kept, not summarised
@@ -468,12 +467,12 @@ def run_eval(config: EvalConfig) -> dict:
         cached = _probe_cache(out / "probe.json", probe_examples, config)
         probe = probe_summary({k: cached["models"][k] for k in refs}, config.probe_k, len(probe_examples))
 
-    summary = summarize(store.records, tasks, attacks, prompts, judge.name, list(refs), first_verdicts, probe)
+    summary = summarize(store.rows, tasks, attacks, prompts, judge.name, list(refs), first_verdicts, probe)
     write_json(out / "summary.json", summary)
     if config.report:
         from .reporting import write_report
 
-        write_report(out, summary, store.records)
+        write_report(out, summary, store.rows)
     return summary
 
 
@@ -522,7 +521,7 @@ def _answer(chunk: list[_Item], model, policy: Policy, judge: Judge, config: Eva
 
 def _rejudge(store: RecordStore, prompts: dict[str, list[Example]], judge: Judge) -> None:
     """Records judged by another judge are judged again by this one (answers are not regenerated)."""
-    stale = [r for r in store.records
+    stale = [r for r in store.rows
              if r["task"] != BENIGN_TASK and r["judge"] != judge.name and r["task"] in prompts
              and r["index"] < len(prompts[r["task"]])]
     if stale:
@@ -696,6 +695,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau", type=int, help="ablation: consecutive malicious verdicts before an intervention")
     parser.add_argument("--min-window", type=int,
                         help="ablation: response tokens before a benign query's [CLS] is re-evaluated (1: from the first)")
+    parser.add_argument("--response-threshold", type=float,
+                        help="ablation: p(malicious) at which a verdict on response text alone counts (rules 2 and 3)")
     parser.add_argument("--no-strategic-attention", action="store_true", help="ablation: re-evaluations read everything")
     parser.add_argument("--no-strategic-decoding", action="store_true", help="ablation: reliance low (no inserted refusal)")
     parser.add_argument("--suite", choices=("paper",), help="paper: AdvBench direct/prefill:5,10,20,40/autodan/"
@@ -719,6 +720,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         benign_prompts=args.benign_prompts, judge=args.judge, judge_options=judge_options, limit=args.limit,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, schedule=args.schedule,
         reliance="low" if args.no_strategic_decoding else args.reliance, tau=args.tau, min_window=args.min_window,
+        response_threshold=args.response_threshold,
         strategic_attention=not args.no_strategic_attention, data_root=args.data_root,
         probe_limit=args.probe_limit, seed=args.seed,
     )

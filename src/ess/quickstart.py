@@ -92,7 +92,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
 
     _stage(5, "report")
     write_json(out / "summary.json", summary)
-    records = RecordStore(out / "records.jsonl").records
+    records = RecordStore(out / "records.jsonl").rows
     report = write_report(out, summary, records)
     report.write_text(_story(config, summary, bench) + report.read_text())
     print()

@@ -47,10 +47,10 @@ def calibration_split(examples: list[Example], fraction: float, seed: int = 0) -
 
 
 def alignment_examples(examples: list[Example], base: str, size: int | None = None, seed: int = 0) -> list[Example]:
-    """A shuffled 50/50 mixture with responses; `size` defaults to twice the smaller class."""
+    """A shuffled 50/50 mixture with responses; `size` defaults to twice the larger class."""
     rng = random.Random(seed)
     benign, malicious = _split(examples)
-    per_class = (size or 2 * min(len(benign), len(malicious))) // 2
+    per_class = (size or 2 * max(len(benign), len(malicious))) // 2
     benign = _sample(benign, per_class, rng)
     malicious = _sample(malicious, per_class, rng)
     needs_answer = [e.prompt for e in benign if not e.response]

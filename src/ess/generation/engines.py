@@ -112,7 +112,9 @@ class CachedEngine:
 
 
 class ReferenceEngine:
-    """One request at a time, everything recomputed at every step (slow; for tests)."""
+    """One request at a time, everything recomputed at every step (slow; for tests). It takes
+    CachedEngine's arguments so that either serves the generator; having no cache, it ignores
+    `capacity_after`."""
 
     def __init__(self, model: ESSModel, query_ids: list[list[int]], plain: list[bool], capacity_after: int = 0):
         self.model = model

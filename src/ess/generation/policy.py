@@ -35,6 +35,8 @@ def validate(policy: Policy) -> Policy:
         raise PolicyError(f"unknown reliance {policy.reliance!r}: expected one of {', '.join(RELIANCES)}")
     if min(policy.tau, policy.r1, policy.r2, policy.r3, policy.min_window) < 1:
         raise PolicyError("tau, r1, r2, r3 and min_window must be at least 1")
+    if policy.response_threshold is not None and not 0 < policy.response_threshold <= 1:
+        raise PolicyError(f"response_threshold must be in (0, 1], got {policy.response_threshold}")
     return policy
 
 
@@ -104,9 +106,9 @@ class RowPolicy:
 
     def observe(self, p: float, n: int) -> str | None:
         """Take a re-evaluated verdict; returns INSERT or REFUSE when decoding must change."""
-        malicious = p >= self.threshold
         if self.query_malicious:
-            return self._act(malicious, False)
+            return self._act(p >= self.threshold, False)
+        malicious = p >= (self.policy.response_threshold or self.threshold)
         if malicious:
             self.consecutive += 1
             if self.transition_at is None:

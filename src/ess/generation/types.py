@@ -55,6 +55,12 @@ class Policy:
     tokens (1: from the first). [CLS] learns response text on windows of 8 to 24 tokens; verdicts on
     fewer mostly echoed the query's alarming words ("A romance scam on dating") and made most of the
     late interventions on benign-but-alarming prompts (README, *Data*)."""
+    response_threshold: float | None = 0.8
+    """Rules 2 and 3: p(malicious) at which a verdict on response text alone counts as malicious
+    (None: the model's threshold, as for the query). A window of 10 answer tokens without its query
+    is weaker evidence than the query, and the tau verdicts of rule 3 read overlapping windows; at
+    0.5, 5 to 20 of 80 held-out benign-but-alarming answers were stopped late depending on the
+    training seed, at 0.8 none to 2 (README, *Data*)."""
     guiding_text: str = GUIDING_TEXT
     """Inserted at the intervention point (medium reliance); the model continues and explains."""
     refusal_text: str = "Sorry, I cannot fulfill your request."
