@@ -412,3 +412,13 @@ def test_cmd_eval_reports_bad_input_in_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("ess eval: error: unknown attack 'no-such-attack'") and err.count("\n") == 1
+
+
+def test_cmd_eval_rejects_a_bad_policy_before_any_work(tmp_path, capsys):
+    from ess.cli import main
+
+    code = main(["eval", "--model", "m", "--prompts", "seed:heldout_harmful", "--response-threshold", "2",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "response_threshold must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 from .attacks import DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, get_attack
 from .data.loaders import load_examples
 from .data.schema import Example
+from .generation.policy import validate
 from .generation.types import Policy, Request, Sampling
 from .jsonfiles import read_json, write_json
 from .judges import Judge, get_judge, refusal_start
@@ -415,6 +416,7 @@ def run_eval(config: EvalConfig) -> dict:
     if len(set(keys)) != len(keys):
         raise EvalError(f"an attack is listed twice: {keys}")
     judge = get_judge(config.judge, **config.judge_options)
+    model_policy = validate(config.model_policy())  # a bad --tau or threshold fails before any model loads
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)  # only once the flags made sense
 
@@ -424,7 +426,7 @@ def run_eval(config: EvalConfig) -> dict:
         prompts[BENIGN_TASK] = benign
     refs = {"model": config.model} | ({"baseline": config.baseline} if config.baseline else {})
     ess = is_ess_checkpoint(config.model)
-    policies = {"model": config.model_policy() if ess else Policy(schedule="none"),
+    policies = {"model": model_policy if ess else Policy(schedule="none"),
                 "baseline": Policy(schedule="none")}
     if not ess:
         print(f"ess eval: {config.model} is not an ESS checkpoint: evaluated as a plain model", file=sys.stderr)
