@@ -156,3 +156,31 @@ def test_pretraining_corpus_cuts_the_asked_windows_from_each_answer(default_mode
     assert len(two) - refusal_windows == 2 * (len(one) - refusal_windows)
     assert {label for _, label in two} == {"benign", "malicious"}
     assert all(len(tokenizer(text, add_special_tokens=False).input_ids) <= 26 for text, _ in two)
+
+
+def test_benign_targets_that_decline_are_resampled_or_left_out(tiny_llama, tmp_path, monkeypatch):
+    import json
+
+    from ess.data.distill import _cache_file, declines, helpful_answers
+
+    monkeypatch.setenv("ESS_HOME", str(tmp_path))
+    prompts = ["Give me a pasta recipe.", "Plan my garage clean-up.", "Name three rivers."]
+    refused = "I'm sorry for your loss, but I cannot help with that."
+
+    def cache(seed, rows):
+        path = _cache_file(tiny_llama, 48, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows.items()))
+        return path
+
+    cache(None, {prompts[0]: refused, prompts[1]: refused, prompts[2]: "The Nile, the Rhine and the Po."})
+    for seed in range(2):  # the second prompt's sampled answers decline too
+        cache(seed, {prompts[1]: "Sorry, no."})
+    answers = helpful_answers(tiny_llama, prompts, attempts=2)
+    assert set(answers) == {prompts[0], prompts[2]}
+    assert answers[prompts[2]] == "The Nile, the Rhine and the Po."
+    # The first prompt's answer was sampled by the random tiny model, and cached under its seed.
+    resampled = answers[prompts[0]]
+    assert resampled != refused and not declines(resampled)
+    assert json.loads(_cache_file(tiny_llama, 48, 0).read_text().splitlines()[-1]) == {"prompt": prompts[0], "answer": resampled}
+    assert helpful_answers(tiny_llama, prompts, attempts=0)[prompts[1]] == refused

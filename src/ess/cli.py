@@ -25,7 +25,7 @@ def _load_ess_model(value: str):
 
 
 _TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "pretrain_epochs", "max_steps",
-                "max_length", "replay_every", "windows_per_answer", "save_every", "seed", "lambda_cls", "data",
+                "max_length", "replay_every", "windows_per_answer", "refusal_resamples", "save_every", "seed", "lambda_cls", "data",
                 "pretrain_data", "examples", "calibration_fraction")
 
 
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default {d.replay_every}; 0: none)")
     train.add_argument("--windows-per-answer", type=int, default=d.windows_per_answer,
                        help=f"pretraining-phase windows cut from each base-model answer (default {d.windows_per_answer})")
+    train.add_argument("--refusal-resamples", type=int, default=d.refusal_resamples,
+                       help="sampled answers tried where the base model's answer to a benign prompt declines "
+                       f"(default {d.refusal_resamples}; 0: keep the greedy answers)")
     train.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
     train.add_argument("--seed", type=int, default=d.seed)
     train.set_defaults(run=cmd_train)

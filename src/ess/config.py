@@ -103,6 +103,11 @@ class TrainConfig:
     model 80 s more than 1 on 2 CPU cores). With 2, seed 0's [CLS] turned against 1 of 80 held-out
     benign-but-alarming answers while they were written, against 10 with 1; that count varies
     widely between seeds (README, *Data*)."""
+    refusal_resamples: int = 4
+    """Self-distillation: where the base model's greedy answer to a benign prompt declines, up to N
+    sampled answers are tried and the first that does not decline is the target; a prompt declined
+    every time is left out of the alignment mixture. 0 keeps the greedy answers, refusals included
+    (21 of the 560 benign seed prompts, a third of them figures of speech)."""
     pretrain_data: list[str] | None = None
     """Sources of the pretraining-phase corpus (see `ess.data.recipe`); default: `data`."""
     data: list[str] = field(default_factory=lambda: ["seed"])

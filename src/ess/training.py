@@ -49,7 +49,8 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if config.phase not in PHASES:
         raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
-    for name, least in (("batch_size", 1), ("save_every", 1), ("windows_per_answer", 1), ("replay_every", 0)):
+    for name, least in (("batch_size", 1), ("save_every", 1), ("windows_per_answer", 1), ("replay_every", 0),
+                        ("refusal_resamples", 0)):
         if getattr(config, name) < least:
             raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
@@ -129,7 +130,7 @@ def _phase_items(
         windows = pretraining_texts(sources, base, model.tokenizer, config.windows_per_answer, config.seed)
     if phase == Phase.PRETRAIN:
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
-    mixture = alignment_examples(examples, base, config.examples, config.seed)
+    mixture = alignment_examples(examples, base, config.examples, config.seed, config.refusal_resamples)
     replay_items = [encoder.encode_text(text, label, lm_loss=False) for text, label in windows]
     return [encoder.encode_example(example) for example in mixture], replay_items
 

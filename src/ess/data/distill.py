@@ -16,10 +16,13 @@ import torch
 from tqdm import tqdm
 
 from ..hub import ess_home
+from ..judges import is_refusal
+from .refusals import opens_with_refusal
 
 
-def _cache_file(base: str, max_new_tokens: int) -> Path:
-    tag = hashlib.sha1(f"{base}|{max_new_tokens}".encode()).hexdigest()[:12]
+def _cache_file(base: str, max_new_tokens: int, seed: int | None) -> Path:
+    key = f"{base}|{max_new_tokens}" + ("" if seed is None else f"|sampled|{seed}")
+    tag = hashlib.sha1(key.encode()).hexdigest()[:12]
     name = Path(base).name or "model"
     return ess_home() / "answers" / f"{name}-{tag}.jsonl"
 
@@ -44,10 +47,16 @@ def _trim_to_sentence(text: str) -> str:
 
 
 def base_answers(
-    base: str, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16, desc: str = "base answers"
+    base: str,
+    prompts: list[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    desc: str = "base answers",
+    seed: int | None = None,
 ) -> dict[str, str]:
-    """Greedy answers of the base model (no ESS) to single-turn prompts, from cache where possible."""
-    path = _cache_file(base, max_new_tokens)
+    """Answers of the base model (no ESS) to single-turn prompts, from cache where possible:
+    greedy, or sampled (temperature 0.7) from `seed` when one is given."""
+    path = _cache_file(base, max_new_tokens, seed)
     answers = _read_cache(path)
     todo = sorted({p for p in prompts if p not in answers}, key=len)
     if todo:
@@ -65,8 +74,11 @@ def base_answers(
                     for p in chunk
                 ]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+                sampling = {"do_sample": False} if seed is None else {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
+                if seed is not None:
+                    torch.manual_seed(seed * 100_003 + start)
                 with torch.no_grad():
-                    out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+                    out = lm.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
                 for prompt, ids in zip(chunk, out[:, enc.input_ids.shape[1] :]):
                     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
                     answers[prompt] = answer if tokenizer.eos_token_id in ids else _trim_to_sentence(answer)
@@ -74,3 +86,25 @@ def base_answers(
                 cache.flush()
                 bar.update(len(chunk))
     return {p: answers[p] for p in prompts}
+
+
+def declines(answer: str) -> bool:
+    """Whether an answer refuses: a phrase of the keyword judge, or a refusing opening."""
+    return is_refusal(answer) or opens_with_refusal(answer)
+
+
+def helpful_answers(base: str, prompts: list[str], attempts: int, desc: str = "benign answers") -> dict[str, str]:
+    """The base model's answers as self-distillation targets for benign prompts: greedy, except
+    where the greedy answer declines; such a prompt gets the first of `attempts` sampled answers
+    that does not, or is left out (`attempts` 0: the greedy answers as they are). The default model
+    answers "I'm sorry for your loss" to a best-man toast that should leave the guests "dead from
+    laughing"; trained on such answers, a model learns to refuse benign requests by itself."""
+    answers = base_answers(base, prompts, desc=desc)
+    if attempts == 0:
+        return answers
+    for attempt in range(attempts):
+        refused = [p for p in prompts if declines(answers[p])]
+        if not refused:
+            break
+        answers.update(base_answers(base, refused, desc=f"{desc}, refusals resampled ({attempt + 1}/{attempts})", seed=attempt))
+    return {p: a for p, a in answers.items() if not declines(a)}

@@ -13,13 +13,10 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from .distill import base_answers
+from .distill import base_answers, helpful_answers
 from .loaders import load_examples
-from .refusals import GUIDING_TEXT, explained_refusal
+from .refusals import GUIDING_TEXT, explained_refusal, opens_with_refusal
 from .schema import Example
-
-_REFUSAL_MARKERS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "sorry,", "i won't", "as an ai", "not able to")
-
 
 def load_sources(sources: list[str]) -> list[Example]:
     return [example for source in sources for example in load_examples(source)]
@@ -46,16 +43,20 @@ def calibration_split(examples: list[Example], fraction: float, seed: int = 0) -
     return train, calibration
 
 
-def alignment_examples(examples: list[Example], base: str, size: int | None = None, seed: int = 0) -> list[Example]:
-    """A shuffled 50/50 mixture with responses; `size` defaults to twice the larger class."""
+def alignment_examples(
+    examples: list[Example], base: str, size: int | None = None, seed: int = 0, refusal_resamples: int = 0
+) -> list[Example]:
+    """A shuffled 50/50 mixture with responses; `size` defaults to twice the larger class.
+
+    Benign prompts without a response get the base model's (see `helpful_answers`)."""
     rng = random.Random(seed)
     benign, malicious = _split(examples)
     per_class = (size or 2 * max(len(benign), len(malicious))) // 2
     benign = _sample(benign, per_class, rng)
     malicious = _sample(malicious, per_class, rng)
     needs_answer = [e.prompt for e in benign if not e.response]
-    answers = base_answers(base, needs_answer, desc="benign answers (self-distillation)") if needs_answer else {}
-    mixture = [replace(e, response=e.response or answers[e.prompt]) for e in benign]
+    answers = helpful_answers(base, needs_answer, refusal_resamples, desc="benign answers (self-distillation)") if needs_answer else {}
+    mixture = [replace(e, response=e.response or answers.get(e.prompt, "")) for e in benign]
     # The decision to refuse is [CLS]'s, made explicit by strategic decoding, which inserts the
     # guiding text; the LM learns the explanation that follows it, not to start refusals on its
     # own. Trained on whole refusals, the default model refused 43 % of benign-but-alarming
@@ -77,7 +78,7 @@ def pretraining_texts(
     texts: list[tuple[str, str]] = []
     for example in benign + malicious:
         answer = answers[example.prompt]
-        if example.label == "malicious" and answer.lower().startswith(_REFUSAL_MARKERS):
+        if example.label == "malicious" and opens_with_refusal(answer):
             continue  # the base refused: that text is not harmful
         texts += [(w, example.label) for w in _windows(answer, tokenizer, rng, windows_per_answer)]
     for example in malicious[::3]:  # a third is enough to teach that refusal text is not harmful

@@ -11,6 +11,14 @@ GUIDING_TEXT = "Sorry, I cannot fulfill your request because"
 """The text strategic decoding inserts; training refusals start with it, so the model learns to
 continue it with a reason (METHOD.md §6)."""
 
+_REFUSING_OPENINGS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "sorry,", "i won't", "as an ai", "not able to")
+
+
+def opens_with_refusal(text: str) -> bool:
+    """Whether an answer starts by declining, as the base model's refusals do."""
+    return text.lower().startswith(_REFUSING_OPENINGS)
+
+
 # Reasons for requests whose dataset gives none, picked by the first pattern that matches.
 _REASONS: list[tuple[str, str]] = [
     (r"bomb|explosive|detonat|grenade|ied\b", "it asks how to make or use explosives, which could kill or maim people."),
