@@ -49,6 +49,23 @@ def test_flags_map_to_the_config_and_the_ablations():
     assert config_from_args(_parse("--prompts", "p.csv")).attacks == ["direct"]
 
 
+def test_generate_and_eval_read_the_same_policy_flags():
+    from ess.cli import _policy, build_parser
+    from ess.generation import Policy
+
+    flags = ("--schedule", "periodic:4", "--reliance", "high", "--tau", "2", "--min-window", "5",
+             "--response-threshold", "0.6")
+    expected = ("periodic:4", "high", 2, 5, 0.6)
+    fields = lambda p: (p.schedule, p.reliance, p.tau, p.min_window, p.response_threshold)  # noqa: E731
+    generate = build_parser().parse_args(["generate", "--model", "missing-folder", "--prompt", "hi", *flags])
+    assert fields(_policy(generate)) == ("none", *expected[1:])  # not an ESS checkpoint: generated plainly
+    assert fields(config_from_args(_parse("--prompts", "p.csv", *flags)).model_policy()) == expected
+    # Without the flags, `ess generate` and `ess eval` both use Policy's defaults.
+    default = fields(Policy())
+    assert fields(_policy(build_parser().parse_args(["generate", "--model", "m", "--prompt", "hi"]))) == ("none", *default[1:])
+    assert fields(config_from_args(_parse("--prompts", "p.csv")).model_policy()) == default
+
+
 @pytest.mark.parametrize("argv, message", [
     ((), "--prompts"),
     (("--prompts", "p", "--no-strategic-decoding", "--reliance", "high"), "reliance low"),

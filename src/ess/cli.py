@@ -56,11 +56,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def _policy(args: argparse.Namespace):
     """The decoding policy of the flags; a model without ESS weights generates plainly."""
     from .generation import Policy
-    from .generation.policy import validate
+    from .generation.policy import policy_overrides, validate
     from .model import find_checkpoint
 
-    policy = validate(Policy(schedule=args.schedule, reliance=args.reliance, tau=args.tau, min_window=args.min_window,
-                             response_threshold=args.response_threshold))
+    policy = validate(Policy(**policy_overrides(args)))
     if find_checkpoint(args.model) is None:
         print(f"ess {args.command}: {args.model} is not an ESS checkpoint: generating without ESS", file=sys.stderr)
         policy.schedule = "none"
@@ -147,8 +146,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    from .generation import Policy
-    from .generation.types import RELIANCES
+    from .generation.policy import add_policy_flags
 
     parser.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -156,16 +154,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--schedule", default=Policy.schedule,
-                        help=f"none | first | every | periodic:K | annealing (default {Policy.schedule})")
-    parser.add_argument("--reliance", default=Policy.reliance, choices=RELIANCES)
-    parser.add_argument("--tau", type=int, default=Policy.tau,
-                        help=f"consecutive malicious verdicts before an intervention (default {Policy.tau})")
-    parser.add_argument("--min-window", type=int, default=Policy.min_window,
-                        help=f"response tokens before a benign query's [CLS] is re-evaluated (default {Policy.min_window})")
-    parser.add_argument("--response-threshold", type=float, default=Policy.response_threshold,
-                        help="p(malicious) at which a verdict on response text alone counts (rules 2 and 3; "
-                             f"default {Policy.response_threshold})")
+    add_policy_flags(parser)
 
 
 # ---- the parser -------------------------------------------------------------------------------

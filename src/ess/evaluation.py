@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from .attacks import DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, get_attack
 from .data.loaders import load_examples
 from .data.schema import Example
-from .generation.policy import validate
+from .generation.policy import add_policy_flags, policy_overrides, validate
 from .generation.types import Policy, Request, Sampling
 from .jsonfiles import read_json, write_json
 from .judges import Judge, get_judge, refusal_start
@@ -137,9 +137,7 @@ class EvalConfig:
         return main + list(self.extra_tasks)
 
     def model_policy(self) -> Policy:
-        overrides = {"schedule": self.schedule, "reliance": self.reliance, "tau": self.tau, "min_window": self.min_window,
-                     "response_threshold": self.response_threshold}
-        policy = Policy(**{k: v for k, v in overrides.items() if v is not None})
+        policy = Policy(**policy_overrides(self))
         policy.strategic_attention = self.strategic_attention
         return policy
 
@@ -692,13 +690,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (rerun with the same --out to resume)")
     parser.add_argument("--batch-size", type=int, default=8, help="requests generated together (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer (default 64)")
-    parser.add_argument("--schedule", help="ablation: re-evaluation schedule (none, first, every, periodic:K, annealing)")
-    parser.add_argument("--reliance", choices=("low", "medium", "high"), help="ablation: strategic-decoding reliance")
-    parser.add_argument("--tau", type=int, help="ablation: consecutive malicious verdicts before an intervention")
-    parser.add_argument("--min-window", type=int,
-                        help="ablation: response tokens before a benign query's [CLS] is re-evaluated (1: from the first)")
-    parser.add_argument("--response-threshold", type=float,
-                        help="ablation: p(malicious) at which a verdict on response text alone counts (rules 2 and 3)")
+    add_policy_flags(parser, ablation=True)
     parser.add_argument("--no-strategic-attention", action="store_true", help="ablation: re-evaluations read everything")
     parser.add_argument("--no-strategic-decoding", action="store_true", help="ablation: reliance low (no inserted refusal)")
     parser.add_argument("--suite", choices=("paper",), help="paper: AdvBench direct/prefill:5,10,20,40/autodan/"
@@ -720,9 +712,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     config = EvalConfig(
         model=args.model, out=args.out, prompts=args.prompts, attacks=attacks or ["direct"], baseline=args.baseline,
         benign_prompts=args.benign_prompts, judge=args.judge, judge_options=judge_options, limit=args.limit,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, schedule=args.schedule,
-        reliance="low" if args.no_strategic_decoding else args.reliance, tau=args.tau, min_window=args.min_window,
-        response_threshold=args.response_threshold,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        **{**policy_overrides(args), **({"reliance": "low"} if args.no_strategic_decoding else {})},
         strategic_attention=not args.no_strategic_attention, data_root=args.data_root,
         probe_limit=args.probe_limit, seed=args.seed,
     )

@@ -7,6 +7,7 @@ reference loop both drive it, so they cannot disagree on a decision.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -38,6 +39,33 @@ def validate(policy: Policy) -> Policy:
     if policy.response_threshold is not None and not 0 < policy.response_threshold <= 1:
         raise PolicyError(f"response_threshold must be in (0, 1], got {policy.response_threshold}")
     return policy
+
+
+# The Policy fields a user sets from the command line: (field, type, help). `ess generate` gives
+# them Policy's defaults; `ess eval` takes them as ablation overrides of the evaluated model.
+POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("schedule", str, "re-evaluation schedule: none, first, every, periodic:K or annealing"),
+    ("reliance", str, "strategic decoding: low (no inserted refusal), medium or high"),
+    ("tau", int, "consecutive malicious verdicts before an intervention"),
+    ("min_window", int, "response tokens before a benign query's [CLS] is re-evaluated (1: from the first)"),
+    ("response_threshold", float, "p(malicious) at which a verdict on response text alone counts (rules 2 and 3)"),
+)
+
+
+def add_policy_flags(parser: argparse.ArgumentParser, ablation: bool = False) -> None:
+    """`--schedule`, `--reliance`, `--tau`, `--min-window`, `--response-threshold`; with `ablation`
+    they default to None (keep the policy's value) and say so."""
+    for name, kind, text in POLICY_FLAGS:
+        default = None if ablation else getattr(Policy, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default,
+                            choices=RELIANCES if name == "reliance" else None,
+                            help=f"ablation: {text}" if ablation else f"{text} (default {default})")
+
+
+def policy_overrides(values: argparse.Namespace | object) -> dict:
+    """The policy flags' values that were given (not None), by field name."""
+    found = {name: getattr(values, name) for name, _, _ in POLICY_FLAGS}
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def schedule_interval(schedule: str) -> int | None:
