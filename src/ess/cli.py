@@ -25,8 +25,8 @@ def _load_ess_model(value: str):
 
 
 _TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "pretrain_epochs", "max_steps",
-                "max_length", "replay_every", "windows_per_answer", "refusal_resamples", "save_every", "seed", "lambda_cls", "data",
-                "pretrain_data", "examples", "calibration_fraction")
+                "max_length", "replay_every", "windows_per_answer", "refusal_resamples", "save_every", "seed",
+                "lambda_cls", "data", "pretrain_data", "examples", "calibration_fraction")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -74,9 +74,11 @@ def base_answers(
                     for p in chunk
                 ]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-                sampling = {"do_sample": False} if seed is None else {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
-                if seed is not None:
-                    torch.manual_seed(seed * 100_003 + start)
+                if seed is None:
+                    sampling = {"do_sample": False}
+                else:
+                    torch.manual_seed(seed * 100_003 + start)  # reproducible per attempt and batch
+                    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
                 with torch.no_grad():
                     out = lm.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
                 for prompt, ids in zip(chunk, out[:, enc.input_ids.shape[1] :]):
