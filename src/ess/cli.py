@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"pretraining-phase windows cut from each base-model answer (default {d.windows_per_answer})")
     train.add_argument("--refusal-resamples", type=int, default=d.refusal_resamples,
                        help="sampled answers tried where the base model's answer to a benign prompt declines "
-                       f"(default {d.refusal_resamples}; 0: keep the greedy answers)")
+                       f"(default {d.refusal_resamples}: keep the greedy answers)")
     train.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
     train.add_argument("--seed", type=int, default=d.seed)
     train.set_defaults(run=cmd_train)

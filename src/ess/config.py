@@ -103,11 +103,14 @@ class TrainConfig:
     model 80 s more than 1 on 2 CPU cores). With 2, seed 0's [CLS] turned against 1 of 80 held-out
     benign-but-alarming answers while they were written, against 10 with 1; that count varies
     widely between seeds (README, *Data*)."""
-    refusal_resamples: int = 4
+    refusal_resamples: int = 0
     """Self-distillation: where the base model's greedy answer to a benign prompt declines, up to N
-    sampled answers are tried and the first that does not decline is the target; a prompt declined
-    every time is left out of the alignment mixture. 0 keeps the greedy answers, refusals included
-    (21 of the 560 benign seed prompts, a third of them figures of speech)."""
+    sampled answers (temperature 0.7) are tried and the first that does not decline is the target;
+    a prompt declined every time is left out of the alignment mixture. 0 keeps the greedy answers,
+    refusals included. The default model declines 21 of the 560 benign seed prompts (7 of them
+    figures of speech); with 4, its own refusals of the 80 held-out alarming prompts fell from 2 to
+    0, but late interventions rose from 2 to 5 (seed 0; at seed 1 unchanged), so on this model the
+    default stays 0 (README, *Data*). Worth trying on a base model that refuses many benign requests."""
     pretrain_data: list[str] | None = None
     """Sources of the pretraining-phase corpus (see `ess.data.recipe`); default: `data`."""
     data: list[str] = field(default_factory=lambda: ["seed"])
