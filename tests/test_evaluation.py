@@ -56,7 +56,10 @@ def test_generate_and_eval_read_the_same_policy_flags():
     flags = ("--schedule", "periodic:4", "--reliance", "high", "--tau", "2", "--min-window", "5",
              "--response-threshold", "0.6")
     expected = ("periodic:4", "high", 2, 5, 0.6)
-    fields = lambda p: (p.schedule, p.reliance, p.tau, p.min_window, p.response_threshold)  # noqa: E731
+
+    def fields(policy: Policy) -> tuple:
+        return policy.schedule, policy.reliance, policy.tau, policy.min_window, policy.response_threshold
+
     generate = build_parser().parse_args(["generate", "--model", "missing-folder", "--prompt", "hi", *flags])
     assert fields(_policy(generate)) == ("none", *expected[1:])  # not an ESS checkpoint: generated plainly
     assert fields(config_from_args(_parse("--prompts", "p.csv", *flags)).model_policy()) == expected

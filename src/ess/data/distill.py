@@ -108,5 +108,6 @@ def helpful_answers(base: str, prompts: list[str], attempts: int, desc: str = "b
         refused = [p for p in prompts if declines(answers[p])]
         if not refused:
             break
-        answers.update(base_answers(base, refused, desc=f"{desc}, refusals resampled ({attempt + 1}/{attempts})", seed=attempt))
+        step = f"{desc}, refusals resampled ({attempt + 1}/{attempts})"
+        answers.update(base_answers(base, refused, desc=step, seed=attempt))
     return {p: a for p, a in answers.items() if not declines(a)}

@@ -18,6 +18,7 @@ from .loaders import load_examples
 from .refusals import GUIDING_TEXT, explained_refusal, opens_with_refusal
 from .schema import Example
 
+
 def load_sources(sources: list[str]) -> list[Example]:
     return [example for source in sources for example in load_examples(source)]
 
@@ -55,7 +56,7 @@ def alignment_examples(
     benign = _sample(benign, per_class, rng)
     malicious = _sample(malicious, per_class, rng)
     needs_answer = [e.prompt for e in benign if not e.response]
-    answers = helpful_answers(base, needs_answer, refusal_resamples, desc="benign answers (self-distillation)") if needs_answer else {}
+    answers = helpful_answers(base, needs_answer, refusal_resamples, desc="benign answers (self-distillation)")
     mixture = [replace(e, response=e.response or answers.get(e.prompt, "")) for e in benign]
     # The decision to refuse is [CLS]'s, made explicit by strategic decoding, which inserts the
     # guiding text; the LM learns the explanation that follows it, not to start refusals on its

@@ -62,8 +62,8 @@ def add_policy_flags(parser: argparse.ArgumentParser, ablation: bool = False) ->
                             help=f"ablation: {text}" if ablation else f"{text} (default {default})")
 
 
-def policy_overrides(values: argparse.Namespace | object) -> dict:
-    """The policy flags' values that were given (not None), by field name."""
+def policy_overrides(values: object) -> dict:
+    """The policy flags' values that were given (not None) in parsed flags or a config, by field name."""
     found = {name: getattr(values, name) for name, _, _ in POLICY_FLAGS}
     return {name: value for name, value in found.items() if value is not None}
 
