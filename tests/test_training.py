@@ -161,7 +161,8 @@ def test_pretraining_corpus_cuts_the_asked_windows_from_each_answer(default_mode
 def test_benign_targets_that_decline_are_resampled_or_left_out(tiny_llama, tmp_path, monkeypatch):
     import json
 
-    from ess.data.distill import _cache_file, declines, helpful_answers
+    from ess.data.distill import _cache_file, helpful_answers
+    from ess.data.refusals import declines
 
     monkeypatch.setenv("ESS_HOME", str(tmp_path))
     prompts = ["Give me a pasta recipe.", "Plan my garage clean-up.", "Name three rivers."]

@@ -16,8 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..hub import ess_home
-from ..judges import is_refusal
-from .refusals import opens_with_refusal
+from .refusals import declines
 
 
 def _cache_file(base: str, max_new_tokens: int, seed: int | None) -> Path:
@@ -88,11 +87,6 @@ def base_answers(
                 cache.flush()
                 bar.update(len(chunk))
     return {p: answers[p] for p in prompts}
-
-
-def declines(answer: str) -> bool:
-    """Whether an answer refuses: a phrase of the keyword judge, or a refusing opening."""
-    return is_refusal(answer) or opens_with_refusal(answer)
 
 
 def helpful_answers(base: str, prompts: list[str], attempts: int, desc: str = "benign answers") -> dict[str, str]:

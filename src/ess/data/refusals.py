@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 
+from ..judges import is_refusal
 from .schema import Example
 
 GUIDING_TEXT = "Sorry, I cannot fulfill your request because"
@@ -17,6 +18,11 @@ _REFUSING_OPENINGS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "sorry,"
 def opens_with_refusal(text: str) -> bool:
     """Whether an answer starts by declining, as the base model's refusals do."""
     return text.lower().startswith(_REFUSING_OPENINGS)
+
+
+def declines(answer: str) -> bool:
+    """Whether an answer refuses: a phrase of the keyword judge anywhere, or a refusing opening."""
+    return is_refusal(answer) or opens_with_refusal(answer)
 
 
 # Reasons for requests whose dataset gives none, picked by the first pattern that matches.
