@@ -166,7 +166,7 @@ def test_schedules():
 
 
 def test_strategic_attention_rules_and_tau():
-    policy = RowPolicy(Policy(reliance="medium", tau=3, r1=10, r2=10, r3=10), threshold=0.5)
+    policy = RowPolicy(Policy(reliance="medium", tau=3, r1=10, r2=10, r3=10), threshold=0.5, response_threshold=0.5)
     assert policy.first_verdict(0.2) is None
     assert policy.span(25).rule == 2 and (policy.span(25).start, policy.span(25).end) == (15, 25)
     assert policy.observe(0.9, 30) is None  # transition at 30
@@ -177,35 +177,38 @@ def test_strategic_attention_rules_and_tau():
     assert policy.observe(0.9, 42) == INSERT and policy.intervened
     assert not policy.wants_reevaluation(43)
 
-    malicious = RowPolicy(Policy(reliance="medium", r1=10), threshold=0.5)
+    malicious = RowPolicy(Policy(reliance="medium", r1=10), threshold=0.5, response_threshold=0.5)
     assert malicious.first_verdict(0.7) == INSERT
-    low = RowPolicy(Policy(reliance="low", r1=10), threshold=0.5)
+    low = RowPolicy(Policy(reliance="low", r1=10), threshold=0.5, response_threshold=0.5)
     assert low.first_verdict(0.7) is None
     span = low.span(40)
     assert span.query and (span.start, span.end, span.rule) == (0, 10, 1)
-    high = RowPolicy(Policy(reliance="high"), threshold=0.5)
+    high = RowPolicy(Policy(reliance="high"), threshold=0.5, response_threshold=0.5)
     assert high.first_verdict(0.3) is None and high.observe(0.9, 5) == REFUSE
 
 
 def test_benign_query_is_rejudged_only_once_a_window_of_response_exists():
-    benign = RowPolicy(Policy(schedule="every", min_window=8), threshold=0.5)
+    benign = RowPolicy(Policy(schedule="every", min_window=8), threshold=0.5, response_threshold=0.5)
     benign.first_verdict(0.2)
     assert [n for n in range(1, 12) if benign.wants_reevaluation(n)] == [8, 9, 10, 11]
-    malicious = RowPolicy(Policy(schedule="every", reliance="low", min_window=8), threshold=0.5)
+    malicious = RowPolicy(Policy(schedule="every", reliance="low", min_window=8), threshold=0.5, response_threshold=0.5)
     malicious.first_verdict(0.9)  # rule 1 reads the query too: no wait
     assert malicious.wants_reevaluation(1)
-    ablation = RowPolicy(Policy(schedule="every", min_window=8, strategic_attention=False), threshold=0.5)
+    ablation = RowPolicy(Policy(schedule="every", min_window=8, strategic_attention=False), threshold=0.5, response_threshold=0.5)
     ablation.first_verdict(0.2)
     assert ablation.wants_reevaluation(1)
 
 
 def test_response_threshold_applies_to_verdicts_on_response_text_only():
-    policy = RowPolicy(Policy(tau=2, response_threshold=0.8), threshold=0.5)
+    policy = RowPolicy(Policy(tau=2), threshold=0.5, response_threshold=0.8)
     assert policy.first_verdict(0.3) is None
     assert policy.observe(0.7, 10) is None and policy.transition_at is None  # below 0.8: still benign
     assert policy.observe(0.85, 11) is None and policy.transition_at == 11
     assert policy.observe(0.9, 12) == INSERT
-    malicious = RowPolicy(Policy(reliance="high", response_threshold=0.8), threshold=0.5)
+    malicious = RowPolicy(Policy(reliance="high"), threshold=0.5, response_threshold=0.8)
     assert malicious.first_verdict(0.6) == REFUSE  # the query verdict keeps the model's threshold
+    own = RowPolicy(Policy(tau=1, response_threshold=0.95), threshold=0.5, response_threshold=0.8)
+    own.first_verdict(0.3)
+    assert own.observe(0.9, 10) is None and own.observe(0.96, 11) == INSERT  # the policy's own wins
     with pytest.raises(PolicyError):
         validate(Policy(response_threshold=1.5))

@@ -381,11 +381,13 @@ def _near_duplicates(prompts: list[str], others: list[str], limit: float = 0.6) 
 
 
 @needs_seed
-def test_held_out_seed_prompts_are_not_in_training():
+def test_held_out_and_calibration_seed_prompts_are_not_in_training():
     train = load_prompts("seed")
     held_out = [p for name in seed_names() if name.startswith("heldout") for p in load_prompts(f"seed:{name}")]
-    assert held_out and len(set(train)) == len(train)
-    assert _near_duplicates(held_out, train) == []
+    calibration = load_prompts("seed:calibration_benign")
+    assert held_out and calibration and len(set(train)) == len(train)
+    assert _near_duplicates(held_out + calibration, train) == []
+    assert _near_duplicates(calibration, held_out) == []
 
 
 @needs_seed

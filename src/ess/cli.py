@@ -26,14 +26,40 @@ def _load_ess_model(value: str):
 
 _TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "pretrain_epochs", "max_steps",
                 "max_length", "replay_every", "windows_per_answer", "refusal_resamples", "save_every", "seed",
-                "lambda_cls", "data", "pretrain_data", "examples", "calibration_fraction")
+                "lambda_cls", "data", "pretrain_data", "examples", "calibration_fraction", "max_late_stop_rate")
+
+
+def _calibration_prompts(value: str) -> str | None:
+    return None if value.lower() == "none" else value
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .training import train
 
-    train(TrainConfig(out=args.out, **{name: getattr(args, name) for name in _TRAIN_FLAGS}), args.base)
+    settings = {name: getattr(args, name) for name in _TRAIN_FLAGS}
+    train(TrainConfig(out=args.out, response_calibration=args.response_calibration, **settings), args.base)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import CalibrationConfig, calibrate_response_threshold, describe
+    from .config import ESSConfig
+    from .generation import Policy
+    from .generation.policy import validate
+    from .model import CONFIG_FILE, find_checkpoint
+
+    config = CalibrationConfig(prompts=args.prompts, max_late_stop_rate=args.max_late_stop_rate,
+                               floor=args.floor, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    policy = validate(Policy(tau=args.tau))
+    model = _load_ess_model(args.model)
+    result = calibrate_response_threshold(model, config, policy)
+    path = find_checkpoint(args.model) / CONFIG_FILE
+    saved = ESSConfig.load(path)
+    saved.response_threshold = result.response_threshold
+    saved.save(path)
+    print(describe(result, config))
+    print(f"wrote response_threshold {result.response_threshold:.3f} to {path}")
     return 0
 
 
@@ -161,7 +187,9 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibration import CalibrationConfig
     from .config import ESSConfig, TrainConfig
+    from .generation import Policy
 
     parser = argparse.ArgumentParser(prog="ess", description="Explicit safety signals for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--examples", type=int, help="size of the 50/50 alignment mixture (default: twice the larger class, so every example is used)")
     train.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                        help=f"share of each class held out to calibrate the threshold (default {d.calibration_fraction:g}; 0: 0.5)")
+    train.add_argument("--response-calibration", type=_calibration_prompts, default=d.response_calibration,
+                       help="benign prompts, never trained on, whose answers set the response threshold "
+                       f"(default {d.response_calibration}; none: keep 0.8)")
+    train.add_argument("--max-late-stop-rate", type=float, default=d.max_late_stop_rate,
+                       help=f"share of those answers the response threshold may stop late (default {d.max_late_stop_rate:g})")
     train.add_argument("--replay-every", type=int, default=d.replay_every,
                        help=f"alignment: a [CLS] step on response-text windows after every N steps "
                        f"(default {d.replay_every}; 0: none)")
@@ -205,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true", help='one JSON line per prompt: {"prompt", "p_malicious", "label"}')
     classify.add_argument("--batch-size", type=int, default=16)
     classify.set_defaults(run=cmd_classify)
+
+    calibrate = sub.add_parser("calibrate", help="set a model's response threshold from its answers to benign prompts")
+    c = CalibrationConfig()
+    calibrate.add_argument("--model", required=True, help="ESS checkpoint or training run folder (its config is updated)")
+    calibrate.add_argument("--prompts", default=c.prompts, help=f"benign prompts never used in training (default {c.prompts})")
+    calibrate.add_argument("--max-late-stop-rate", type=float, default=c.max_late_stop_rate,
+                           help=f"share of the answers that may be stopped late (default {c.max_late_stop_rate:g})")
+    calibrate.add_argument("--floor", type=float, default=c.floor, help=f"lowest threshold set (default {c.floor:g})")
+    calibrate.add_argument("--tau", type=int, default=Policy.tau, help=f"the policy's tau the threshold is for (default {Policy.tau})")
+    calibrate.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help=f"tokens per answer (default {c.max_new_tokens})")
+    calibrate.add_argument("--batch-size", type=int, default=c.batch_size)
+    calibrate.set_defaults(run=cmd_calibrate)
 
     gen = sub.add_parser("generate", help="guarded generation with the safety trace")
     _add_generation_flags(gen)
@@ -242,13 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .attacks.base import AttackError
+    from .calibration import CalibrationError
     from .data.schema import DataError
     from .evaluation import EvalError
     from .generation import GenerationError, PolicyError
     from .judges import JudgeError
     from .training import TrainingError
 
-    bad_input = (DataError, ModelNotFound, TrainingError, GenerationError, PolicyError, EvalError, AttackError,
+    bad_input = (CalibrationError, DataError, ModelNotFound, TrainingError, GenerationError, PolicyError, EvalError, AttackError,
                  JudgeError, FileNotFoundError)
 
     args = build_parser().parse_args(argv)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jsonfiles import write_json
+
 FORMAT_VERSION = 1
 """Version of the checkpoint layout written by `ESSModel.save_pretrained`."""
 
@@ -26,6 +28,13 @@ class ESSConfig:
     """Classes of the head: 0 = benign, 1 = malicious."""
     threshold: float = 0.5
     """`p_malicious` at or above this is a malicious verdict."""
+    response_threshold: float = 0.8
+    """After a benign first verdict (rules 2 and 3): `p_malicious` at or above this, on a window of
+    answer text alone, is a malicious verdict. A window of 10 answer tokens is weaker evidence than
+    the query, and the tau verdicts of rule 3 read overlapping windows: at 0.5, 5 and 20 of 80
+    held-out benign-but-alarming answers were stopped late (default recipe, seeds 0 and 1), at 0.8,
+    2 and 8. `ess train` and `ess calibrate` raise it from the model's own answers to benign
+    prompts (`ess.calibration`)."""
     lambda_pretrain: float = 0.01
     """λ1: weight of the [CLS] loss in the pretraining phase (METHOD.md §4)."""
     lambda_align: float = 1.0
@@ -46,7 +55,7 @@ class ESSConfig:
     """Checkpoint layout version."""
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        write_json(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "ESSConfig":
@@ -120,6 +129,12 @@ class TrainConfig:
     verdict threshold; 0 (default) keeps the paper's 0.5."""
     max_false_positive_rate: float = 0.05
     """The threshold is raised above 0.5 until at most this share of the held-out benign prompts is flagged."""
+    response_calibration: str | None = "seed:calibration_benign"
+    """Benign prompts, never trained on, whose answers set the model's response threshold after the
+    alignment phase (`ess.calibration`); None keeps the default 0.8."""
+    max_late_stop_rate: float = 0.025
+    """The response threshold is raised above 0.8 until at most this share of those answers would be
+    stopped late."""
     examples: int | None = None
     """Size of the alignment mixture (50/50 benign/malicious); default: twice the larger class, so
     that every example is used and the smaller class is repeated. Twice the smaller class left a

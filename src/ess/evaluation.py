@@ -52,12 +52,13 @@ RECORD_FIELDS = (
     "model", "task", "attack", "config", "index", "prompt", "label", "messages", "prefill", "prefill_tokens",
     "sampling", "policy", "attack_meta", "response", "response_tokens", "judged_from", "unsafe", "judge",
     "judge_detail", "refusal_start", "refused", "intervened", "intervention_step", "tokens_before_intervention",
-    "p_malicious", "threshold", "finish_reason", "trace",
+    "p_malicious", "threshold", "response_threshold", "finish_reason", "trace",
 )
 """Fields of a record, in order. `prefill_tokens` counts the forced prefill's tokens; `judged_from`
 is the character offset where the judged text starts (the length of the prefill); `refusal_start`
 is an index into `response`; `refused` = refusal phrase or ESS intervention; `unsafe` is null for
-benign prompts; `threshold` is the model's [CLS] threshold (null in plain mode)."""
+benign prompts; `threshold` is the model's [CLS] threshold on the query and `response_threshold` the
+one on response text alone (rules 2 and 3), both null in plain mode."""
 
 
 class EvalError(ValueError):
@@ -269,7 +270,7 @@ def _judged_prompt(example: Example) -> str:
 
 
 def _record(item: _Item, request: Request, generation, tokenizer, verdict, judge: Judge | None,
-            threshold: float | None) -> dict:
+            thresholds: tuple[float | None, float | None]) -> dict:
     offset = _continuation(generation.text, request.prefill)
     if verdict is not None:
         start = verdict.refusal_start
@@ -301,7 +302,8 @@ def _record(item: _Item, request: Request, generation, tokenizer, verdict, judge
         "intervention_step": generation.intervention_step,
         "tokens_before_intervention": generation.tokens_before_intervention,
         "p_malicious": generation.p_malicious,
-        "threshold": threshold,
+        "threshold": thresholds[0],
+        "response_threshold": thresholds[1],
         "finish_reason": generation.finish_reason,
         "trace": [dataclasses.asdict(t) for t in generation.trace],
     }
@@ -514,8 +516,10 @@ def _answer(chunk: list[_Item], model, policy: Policy, judge: Judge, config: Eva
     pairs = [(_judged_prompt(chunk[n].example),
               generations[n].text[_continuation(generations[n].text, requests[n].prefill):]) for n in harmful]
     verdicts = dict(zip(harmful, judge.judge_batch(pairs)))
-    threshold = None if policy.schedule == "none" else model.config.threshold
-    return [_record(item, request, generation, model.tokenizer, verdicts.get(n), judge, threshold)
+    plain = policy.schedule == "none"
+    thresholds = (None, None) if plain else (model.config.threshold,
+                                             policy.response_threshold or model.config.response_threshold)
+    return [_record(item, request, generation, model.tokenizer, verdicts.get(n), judge, thresholds)
             for n, (item, request, generation) in enumerate(zip(chunk, requests, generations))]
 
 

@@ -30,8 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .calibration import CalibrationConfig, CalibrationError, calibrate_response_threshold, describe
 from .config import TrainConfig
 from .data.encoding import ChatEncoder, Encoded
+from .data.loaders import load_examples
 from .data.recipe import alignment_examples, calibration_split, load_sources, pretraining_texts
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
@@ -53,6 +55,7 @@ def train(config: TrainConfig, base: str) -> Path:
                         ("refusal_resamples", 0)):
         if getattr(config, name) < least:
             raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
+    response_calibration = _response_calibration(config) if Phase.ALIGN in PHASES[config.phase] else None
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.out)
@@ -90,6 +93,9 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if Phase.ALIGN in PHASES[config.phase] and calibration:
         _calibrate(model, calibration, config, accelerator)
+    if response_calibration:
+        model.eval()
+        accelerator.print(describe(calibrate_response_threshold(model, response_calibration), response_calibration))
     if accelerator.is_main_process:
         _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
     accelerator.wait_for_everyone()
@@ -150,6 +156,20 @@ def _calibrate(model: ESSModel, calibration: list, config: TrainConfig, accelera
     false_alarms = sum(s >= threshold for s in benign) / max(1, len(benign))
     accelerator.print(f"calibration on {len(calibration)} held-out prompts: threshold {threshold:.3f}, "
                       f"flags {flagged:.1%} of harmful and {false_alarms:.1%} of benign")
+
+
+def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
+    """The response-threshold calibration of the run, its prompts read now: a bad file or rate fails
+    before any training."""
+    if not config.response_calibration:
+        return None
+    try:
+        calibration = CalibrationConfig(prompts=config.response_calibration,
+                                        max_late_stop_rate=config.max_late_stop_rate)
+    except CalibrationError as error:
+        raise TrainingError(str(error)) from None
+    load_examples(calibration.prompts, label="benign")
+    return calibration
 
 
 def _data_order(n_items: int, n_needed: int, seed: int) -> list[int]:

@@ -14,6 +14,7 @@ from collections import deque
 import torch
 from tqdm import tqdm
 
+from ..config import ESSConfig
 from ..data.encoding import ChatEncoder
 from ..model import ESSModel, find_checkpoint
 from .engines import CachedEngine, ReferenceEngine
@@ -57,9 +58,9 @@ def _context_limit(model: ESSModel) -> int | None:
 class _Row:
     """Book-keeping of one request in the loop."""
 
-    def __init__(self, index: int, request: Request, encoder: ChatEncoder, threshold: float):
+    def __init__(self, index: int, request: Request, encoder: ChatEncoder, config: ESSConfig):
         self.request = request
-        self.policy = RowPolicy(validate(request.policy), threshold)
+        self.policy = RowPolicy(validate(request.policy), config.threshold, config.response_threshold)
         self.query_ids = encoder.query_ids(request.messages)
         self.forced: deque[int] = deque(encoder.tokenize(request.prefill) if request.prefill else [])
         self.emitted: list[int] = []
@@ -105,7 +106,7 @@ class _Row:
 
 def _run_batch(model: ESSModel, encoder: ChatEncoder, requests: list[Request], first_index: int,
                engine_class) -> list[Generation]:
-    rows = [_Row(first_index + i, r, encoder, model.config.threshold) for i, r in enumerate(requests)]
+    rows = [_Row(first_index + i, r, encoder, model.config) for i, r in enumerate(requests)]
     extra = max(
         len(row.forced) + row.request.sampling.max_new_tokens
         + len(encoder.tokenize("\n" + max(row.request.policy.guiding_text, row.request.policy.refusal_text, key=len)))

@@ -48,7 +48,8 @@ POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("reliance", str, "strategic decoding: low (no inserted refusal), medium or high"),
     ("tau", int, "consecutive malicious verdicts before an intervention"),
     ("min_window", int, "response tokens before a benign query's [CLS] is re-evaluated (1: from the first)"),
-    ("response_threshold", float, "p(malicious) at which a verdict on response text alone counts (rules 2 and 3)"),
+    ("response_threshold", float,
+     "p(malicious) at which a verdict on response text alone counts (rules 2 and 3; default: the model's)"),
 )
 
 
@@ -57,9 +58,10 @@ def add_policy_flags(parser: argparse.ArgumentParser, ablation: bool = False) ->
     they default to None (keep the policy's value) and say so."""
     for name, kind, text in POLICY_FLAGS:
         default = None if ablation else getattr(Policy, name)
+        shown = f" (default {default})" if default is not None else ""
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default,
                             choices=RELIANCES if name == "reliance" else None,
-                            help=f"ablation: {text}" if ablation else f"{text} (default {default})")
+                            help=f"ablation: {text}" if ablation else text + shown)
 
 
 def policy_overrides(values: object) -> dict:
@@ -97,9 +99,10 @@ def reevaluate_at(schedule: str, n: int) -> bool:
 class RowPolicy:
     """The ESS state of one request during decoding."""
 
-    def __init__(self, policy: Policy, threshold: float):
+    def __init__(self, policy: Policy, threshold: float, response_threshold: float):
         self.policy = policy
         self.threshold = threshold
+        self.response_threshold = policy.response_threshold or response_threshold
         self.query_malicious = False
         self.transition_at: int | None = None
         self.consecutive = 0
@@ -136,7 +139,7 @@ class RowPolicy:
         """Take a re-evaluated verdict; returns INSERT or REFUSE when decoding must change."""
         if self.query_malicious:
             return self._act(p >= self.threshold, False)
-        malicious = p >= (self.policy.response_threshold or self.threshold)
+        malicious = p >= self.response_threshold
         if malicious:
             self.consecutive += 1
             if self.transition_at is None:

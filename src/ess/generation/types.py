@@ -55,13 +55,9 @@ class Policy:
     tokens (1: from the first). [CLS] learns response text on windows of 8 to 24 tokens; verdicts on
     fewer mostly echoed the query's alarming words ("A romance scam on dating") and made most of the
     late interventions on benign-but-alarming prompts (README, *Data*)."""
-    response_threshold: float | None = 0.8
+    response_threshold: float | None = None
     """After a benign first verdict (rules 2 and 3): p(malicious) at which a re-evaluation counts as
-    malicious (None: the model's threshold, as for the query). A window of 10 answer tokens without
-    its query is weaker evidence than the query, and the tau verdicts of rule 3 read overlapping
-    windows. At 0.5, 5 and 20 of 80 held-out benign-but-alarming answers were stopped late (default
-    recipe, seeds 0 and 1), at 0.8, 2 and 8; DeepInception answers caught late fell from 4 to 2 of 80
-    (README, *Data*)."""
+    malicious (None: the model's calibrated `response_threshold`)."""
     guiding_text: str = GUIDING_TEXT
     """Inserted at the intervention point (medium reliance); the model continues and explains."""
     refusal_text: str = "Sorry, I cannot fulfill your request."

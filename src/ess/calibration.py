@@ -1,0 +1,117 @@
+"""The response threshold of an ESS model, set from its answers to benign prompts (`ess calibrate`,
+and the end of `ess train`).
+
+After a benign first verdict, [CLS] judges windows of answer text alone (rules 2 and 3), and `tau`
+consecutive verdicts at or above the response threshold stop the answer. How often those verdicts
+fire on ordinary text moves from one training to the next: at a fixed 0.8 the default recipe stopped
+2 of 80 held-out benign-but-alarming answers at seed 0 and 8 at seed 1 (README, *Data*).
+Calibration answers benign prompts that training never saw and raises the threshold above `floor`
+until at most `max_late_stop_rate` of the answers are stopped.
+
+Each round generates the answers at a candidate threshold with the decoding signal off (reliance
+`low`): up to the point where strategic decoding would step in, that is exactly the guarded
+generation (rule 3's windows included), so the answers it would stop are counted exactly. A round
+that stops too many proposes the next candidate from its own verdicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .generation import Policy, Request, Sampling, generate
+from .metrics import calibrated_threshold
+
+MAX_ROUNDS = 6
+"""Generations at most (each raises the threshold; two or three sufficed on the default model). If
+the limit is hit, the last threshold measured is kept, with its late stops reported."""
+
+
+class CalibrationError(ValueError):
+    """A calibration that cannot run as asked."""
+
+
+@dataclass
+class CalibrationConfig:
+    """How the response threshold is calibrated."""
+
+    prompts: str = "seed:calibration_benign"
+    """Benign prompts never used in training (bundled: 80 benign-but-alarming and 40 plain requests,
+    disjoint from the training and held-out seed sets)."""
+    max_late_stop_rate: float = 0.025
+    """Share of the calibration answers that may be stopped late."""
+    floor: float = 0.8
+    """The threshold is never set below this (the uncalibrated default)."""
+    max_new_tokens: int = 64
+    """Tokens of each calibration answer."""
+    batch_size: int = 16
+    """Answers generated together."""
+
+    def __post_init__(self):
+        if not 0 <= self.max_late_stop_rate < 1:
+            raise CalibrationError(f"max_late_stop_rate must be in [0, 1), got {self.max_late_stop_rate}")
+        if not 0 < self.floor <= 1:
+            raise CalibrationError(f"the response threshold's floor must be in (0, 1], got {self.floor}")
+        if min(self.max_new_tokens, self.batch_size) < 1:
+            raise CalibrationError("max_new_tokens and batch_size must be at least 1")
+
+
+@dataclass
+class CalibrationResult:
+    response_threshold: float
+    """The calibrated threshold, written to the model's config."""
+    answers: int
+    """Calibration prompts whose query verdict was benign (the others never reach rules 2 and 3)."""
+    stopped_at_floor: int
+    """Of those answers, the ones `floor` would stop late."""
+    stopped: int
+    """Of those answers, the ones the calibrated threshold stops late."""
+    allowed: int
+    """Late stops the rate allows (more than this only where MAX_ROUNDS ended the search)."""
+    query_flagged: int
+    """Calibration prompts flagged on the query (the query threshold is not changed)."""
+
+
+def late_stop_score(response_verdicts: list[float], tau: int) -> float:
+    """The highest threshold at which `tau` consecutive verdicts all reach it (0 with fewer than `tau`
+    verdicts): an answer read at threshold t is stopped exactly when this is at least t."""
+    runs = [min(response_verdicts[i : i + tau]) for i in range(len(response_verdicts) - tau + 1)]
+    return max(runs, default=0.0)
+
+
+def calibrate_response_threshold(model, config: CalibrationConfig, policy: Policy | None = None) -> CalibrationResult:
+    """Set `model.config.response_threshold` from the model's answers to `config.prompts` under
+    `policy`'s schedule, tau and windows (default: the default policy)."""
+    from .data.loaders import load_examples
+
+    policy = policy or Policy()
+    requests = [Request(e.query, sampling=Sampling(max_new_tokens=config.max_new_tokens))
+                for e in load_examples(config.prompts, label="benign")]
+    threshold, stopped_at_floor = config.floor, None
+    for round_ in range(MAX_ROUNDS):
+        reading = dataclasses.replace(policy, reliance="low", response_threshold=threshold)
+        scores = _late_stop_scores(model, requests, reading, config.batch_size)
+        stopped = sum(s >= threshold for s in scores)
+        stopped_at_floor = stopped if stopped_at_floor is None else stopped_at_floor
+        proposed = calibrated_threshold(scores, config.max_late_stop_rate, floor=threshold)
+        if proposed == threshold or round_ == MAX_ROUNDS - 1:
+            break
+        threshold = proposed
+    model.config.response_threshold = threshold
+    return CalibrationResult(response_threshold=threshold, answers=len(scores), stopped_at_floor=stopped_at_floor,
+                             stopped=stopped, allowed=int(config.max_late_stop_rate * len(scores)),
+                             query_flagged=len(requests) - len(scores))
+
+
+def _late_stop_scores(model, requests: list[Request], reading: Policy, batch_size: int) -> list[float]:
+    """`late_stop_score` of each answer whose query verdict is benign, generated under `reading`."""
+    requests = [dataclasses.replace(r, policy=reading) for r in requests]
+    generations = generate(model, requests, batch_size=batch_size, progress=True)
+    return [late_stop_score([t.p_malicious for t in g.trace if t.rule in (2, 3)], reading.tau)
+            for g in generations if g.p_malicious < model.config.threshold]
+
+
+def describe(result: CalibrationResult, config: CalibrationConfig) -> str:
+    return (f"response threshold {result.response_threshold:.3f} from {result.answers} answers to {config.prompts}: "
+            f"{result.stopped} stopped late, {result.allowed} allowed ({result.stopped_at_floor} at {config.floor:g}); "
+            f"{result.query_flagged} prompts flagged on the query")
