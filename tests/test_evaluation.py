@@ -14,7 +14,7 @@ import torch
 
 import ess.generation
 from ess.evaluation import (
-    BENIGN_TASK, RECORD_FIELDS, EvalConfig, EvalError, RecordStore, Task, _continuation, _Item, _sampling,
+    BENIGN_TASK, MAIN_TASK, RECORD_FIELDS, EvalConfig, EvalError, RecordStore, Task, _continuation, _Item, _sampling,
     add_eval_arguments, cmd_eval, config_from_args, paper_suite, run_eval, summarize,
 )
 from ess.attacks import AttackedInput, get_attack
@@ -39,9 +39,11 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_flags_map_to_the_config_and_the_ablations():
     config = config_from_args(_parse("--prompts", "p.csv", "--attacks", "direct, prefill:10,decoding:quick",
                                      "--no-strategic-attention", "--no-strategic-decoding", "--schedule", "every",
-                                     "--tau", "2", "--judge", "endpoint", "--judge-model", "j", "--limit", "5"))
+                                     "--tau", "2", "--judge", "endpoint", "--judge-model", "j", "--limit", "5",
+                                     "--benign-limit", "7"))
     assert config.attacks == ["direct", "prefill:10", "decoding:quick"]
     assert config.judge_options == {"model": "j"} and config.limit == 5 and config.max_new_tokens == 64
+    assert config.benign_limit == 7
     policy = config.model_policy()
     assert (policy.reliance, policy.schedule, policy.tau, policy.strategic_attention) == ("low", "every", 2, False)
     default = config_from_args(_parse("--prompts", "p.csv")).model_policy()
@@ -276,7 +278,7 @@ def test_end_to_end_records_hold_what_was_sent(finished_run, tiny_llama):
 
 @needs_data
 @pytest.mark.slow
-def test_each_model_is_loaded_once(tiny_checkpoint, tiny_llama, tmp_path, monkeypatch):
+def test_each_model_is_loaded_once_and_limits_apply_per_prompt_set(tiny_checkpoint, tiny_llama, tmp_path, monkeypatch):
     real_load, loaded = ess.generation.load_model, []
 
     def counting(reference):
@@ -284,8 +286,11 @@ def test_each_model_is_loaded_once(tiny_checkpoint, tiny_llama, tmp_path, monkey
         return real_load(reference)
 
     monkeypatch.setattr(ess.generation, "load_model", counting)
-    run_eval(_config(tiny_checkpoint, tiny_llama, tmp_path / "run", attacks=["direct"], limit=1, probe_limit=1))
+    run_eval(_config(tiny_checkpoint, tiny_llama, tmp_path / "run", attacks=["direct"], limit=1, benign_limit=3,
+                     probe_limit=1))
     assert sorted(loaded) == sorted([tiny_checkpoint, tiny_llama])
+    records = RecordStore(tmp_path / "run" / "records.jsonl").rows
+    assert sorted(r["task"] for r in records if r["model"] == "model") == [BENIGN_TASK] * 3 + [MAIN_TASK]
 
 
 def _copy_run(source: Path, tmp_path: Path) -> Path:

@@ -104,6 +104,8 @@ class EvalConfig:
     """Options of the judge (`base_url`, `model`, `api_key` for `endpoint`)."""
     limit: int | None = None
     """Use only the first N prompts of each prompt set."""
+    benign_limit: int | None = None
+    """Use only the first N benign prompts (None: `limit`)."""
     batch_size: int = 8
     """Requests generated together."""
     max_new_tokens: int = 64
@@ -421,7 +423,8 @@ def run_eval(config: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)  # only once the flags made sense
 
     prompts = {t.name: _load_harmful(t, config.limit) for t in tasks}
-    benign = _load_benign(config.benign_prompts, config.limit) if config.benign_prompts else []
+    benign_limit = config.benign_limit if config.benign_limit is not None else config.limit
+    benign = _load_benign(config.benign_prompts, benign_limit) if config.benign_prompts else []
     if benign:
         prompts[BENIGN_TASK] = benign
     refs = {"model": config.model} | ({"baseline": config.baseline} if config.baseline else {})
@@ -691,6 +694,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-model", help="endpoint judge: model name (env ESS_JUDGE_MODEL)")
     parser.add_argument("--judge-api-key", help="endpoint judge: API key (env ESS_JUDGE_API_KEY)")
     parser.add_argument("--limit", type=int, help="use only the first N prompts of each prompt set")
+    parser.add_argument("--benign-limit", type=int, help="use only the first N benign prompts (default: --limit)")
     parser.add_argument("--out", required=True, help="output folder (rerun with the same --out to resume)")
     parser.add_argument("--batch-size", type=int, default=8, help="requests generated together (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer (default 64)")
@@ -716,7 +720,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     config = EvalConfig(
         model=args.model, out=args.out, prompts=args.prompts, attacks=attacks or ["direct"], baseline=args.baseline,
         benign_prompts=args.benign_prompts, judge=args.judge, judge_options=judge_options, limit=args.limit,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        benign_limit=args.benign_limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         **{**policy_overrides(args), **({"reliance": "low"} if args.no_strategic_decoding else {})},
         strategic_attention=not args.no_strategic_attention, data_root=args.data_root,
         probe_limit=args.probe_limit, seed=args.seed,

@@ -35,7 +35,10 @@ class QuickstartConfig:
     benign: str = "seed:heldout_benign_alarming"
     """Held-out benign prompts that sound alarming (over-refusal)."""
     limit: int = 30
-    """Prompts of each set used (the first N)."""
+    """Harmful prompts attacked (the first N)."""
+    benign_limit: int = 80
+    """Benign prompts asked (the first N; 80: the whole bundled set). Over-refusal is a rate near its 10 % goal,
+    which 30 prompts measure to about ±5.5 points (one standard error) and 80 to about ±3.4."""
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
     """Attacks run on the harmful prompts."""
     max_new_tokens: int = 48
@@ -76,7 +79,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     eval_config = EvalConfig(
         model=str(final), baseline=DEFAULT_MODEL, out=str(out), prompts=config.harmful,
         benign_prompts=config.benign, attacks=list(config.attacks), judge="keyword", limit=config.limit,
-        max_new_tokens=config.max_new_tokens, batch_size=16, report=False,
+        benign_limit=config.benign_limit, max_new_tokens=config.max_new_tokens, batch_size=16, report=False,
     )
     summary = run_eval(eval_config)
     _done(started)
@@ -112,7 +115,8 @@ def _story(config: QuickstartConfig, summary: dict, bench: dict) -> str:
         f"The undefended model answers plainly harmful requests. Its ESS version was trained with the default "
         f"recipe on the bundled seed data, then both were attacked on {config.limit} held-out harmful prompts "
         f"(`{config.harmful}`, never used in training) with {', '.join(f'`{a}`' for a in config.attacks)}, and "
-        f"asked {config.limit} held-out benign prompts that sound alarming (`{config.benign}`) for over-refusal.",
+        f"asked {config.benign_limit} held-out benign prompts that sound alarming (`{config.benign}`) "
+        "for over-refusal.",
         "", comparison_table(summary), "",
         "Overhead of each re-classification schedule (batch 1, 64 tokens, same model without [CLS] = `none`; "
         "measured in one run):", "",
