@@ -109,6 +109,9 @@ def test_two_processes_with_accelerate(tiny_llama, tmp_path):
         (["train", "--base", "no-such-model", "--out", "{tmp}/o"], "no-such-model"),
         (["generate", "--model", "{tiny}", "--prompt", "hi", "--schedule", "sometimes"], "unknown schedule"),
         (["train", "--phase", "middle", "--out", "{tmp}/o"], "invalid choice"),
+        (["train", "--base", "{tiny}", "--response-calibration", "{tmp}/none.jsonl", "--out", "{tmp}/o"], "none.jsonl"),
+        (["train", "--base", "{tiny}", "--max-late-stop-rate", "1.5", "--out", "{tmp}/o"], "max_late_stop_rate must be"),
+        (["calibrate", "--model", "{tmp}/nope"], "not an ESS checkpoint"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_llama, tmp_path, argv, message):

@@ -26,7 +26,8 @@ def _load_ess_model(value: str):
 
 _TRAIN_FLAGS = ("phase", "full", "lr", "head_lr", "batch_size", "epochs", "pretrain_epochs", "max_steps",
                 "max_length", "replay_every", "windows_per_answer", "refusal_resamples", "save_every", "seed",
-                "lambda_cls", "data", "pretrain_data", "examples", "calibration_fraction", "max_late_stop_rate")
+                "lambda_cls", "data", "pretrain_data", "examples", "calibration_fraction", "response_calibration",
+                "max_late_stop_rate")
 
 
 def _calibration_prompts(value: str) -> str | None:
@@ -37,8 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .training import train
 
-    settings = {name: getattr(args, name) for name in _TRAIN_FLAGS}
-    train(TrainConfig(out=args.out, response_calibration=args.response_calibration, **settings), args.base)
+    train(TrainConfig(out=args.out, **{name: getattr(args, name) for name in _TRAIN_FLAGS}), args.base)
     return 0
 
 
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     from .judges import JudgeError
     from .training import TrainingError
 
-    bad_input = (CalibrationError, DataError, ModelNotFound, TrainingError, GenerationError, PolicyError, EvalError, AttackError,
-                 JudgeError, FileNotFoundError)
+    bad_input = (CalibrationError, DataError, ModelNotFound, TrainingError, GenerationError, PolicyError, EvalError,
+                 AttackError, JudgeError, FileNotFoundError)
 
     args = build_parser().parse_args(argv)
     try:
