@@ -5,6 +5,7 @@
     answer = generate(model, [Request([{"role": "user", "content": "..."}])])[0]
 """
 
+from .calibration import CalibrationConfig, calibrate_response_threshold
 from .classify import Verdict, classify
 from .config import ESSConfig, TrainConfig
 from .data import DataError, Example, load_examples, load_prompts
@@ -16,7 +17,7 @@ from .training import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "DataError", "ESSConfig", "ESSModel", "Example", "Generation", "Policy", "Request",
-    "Sampling", "TrainConfig", "TraceEntry", "Verdict", "classify", "generate", "load_examples", "load_model",
-    "load_prompts", "train",
+    "CalibrationConfig", "DEFAULT_MODEL", "DataError", "ESSConfig", "ESSModel", "Example", "Generation", "Policy",
+    "Request", "Sampling", "TrainConfig", "TraceEntry", "Verdict", "calibrate_response_threshold", "classify",
+    "generate", "load_examples", "load_model", "load_prompts", "train",
 ]

@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .config import CALIBRATION_PROMPTS, MAX_LATE_STOP_RATE, ESSConfig
 from .generation import Policy, Request, Sampling, generate
 from .metrics import calibrated_threshold
 
 MAX_ROUNDS = 6
-"""Generations at most (each raises the threshold; two or three sufficed on the default model). If
+"""Generations at most (each raises the threshold; one or two sufficed on the default model). If
 the limit is hit, the last threshold measured is kept, with its late stops reported."""
 
 
@@ -35,12 +36,12 @@ class CalibrationError(ValueError):
 class CalibrationConfig:
     """How the response threshold is calibrated."""
 
-    prompts: str = "seed:calibration_benign"
+    prompts: str = CALIBRATION_PROMPTS
     """Benign prompts never used in training (bundled: 80 benign-but-alarming and 40 plain requests,
     disjoint from the training and held-out seed sets)."""
-    max_late_stop_rate: float = 0.025
+    max_late_stop_rate: float = MAX_LATE_STOP_RATE
     """Share of the calibration answers that may be stopped late."""
-    floor: float = 0.8
+    floor: float = ESSConfig.response_threshold
     """The threshold is never set below this (the uncalibrated default)."""
     max_new_tokens: int = 64
     """Tokens of each calibration answer."""

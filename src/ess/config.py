@@ -13,6 +13,11 @@ from .jsonfiles import write_json
 FORMAT_VERSION = 1
 """Version of the checkpoint layout written by `ESSModel.save_pretrained`."""
 
+CALIBRATION_PROMPTS = "seed:calibration_benign"
+"""The bundled benign prompts that set the response threshold (never trained on)."""
+MAX_LATE_STOP_RATE = 0.025
+"""Share of the calibration answers the response threshold may stop late."""
+
 
 @dataclass
 class ESSConfig:
@@ -129,10 +134,10 @@ class TrainConfig:
     verdict threshold; 0 (default) keeps the paper's 0.5."""
     max_false_positive_rate: float = 0.05
     """The threshold is raised above 0.5 until at most this share of the held-out benign prompts is flagged."""
-    response_calibration: str | None = "seed:calibration_benign"
+    response_calibration: str | None = CALIBRATION_PROMPTS
     """Benign prompts, never trained on, whose answers set the model's response threshold after the
     alignment phase (`ess.calibration`); None keeps the default 0.8."""
-    max_late_stop_rate: float = 0.025
+    max_late_stop_rate: float = MAX_LATE_STOP_RATE
     """The response threshold is raised above 0.8 until at most this share of those answers would be
     stopped late."""
     examples: int | None = None

@@ -98,7 +98,8 @@ def _tokens_spanning(tokens: list[str], text: str, start: int) -> int:
 
 
 def plot_trace(record: dict, path: Path) -> Path:
-    """p(malicious) per re-evaluation step of one generation, with threshold and intervention lines."""
+    """p(malicious) per re-evaluation step of one generation, with threshold and intervention lines
+    (the response-text threshold too where verdicts of rules 2 and 3 are drawn)."""
     trace = record["trace"]
     steps = [t["step"] for t in trace]
     ps = [t["p_malicious"] for t in trace]
@@ -108,6 +109,10 @@ def plot_trace(record: dict, path: Path) -> Path:
     ax.plot([s - 0.5 for s in steps], ps, "o-", color=COLORS["model"], label="p(malicious) of [CLS]", markersize=4)
     threshold = record.get("threshold") or 0.5
     ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    response_threshold = record.get("response_threshold")
+    if response_threshold and response_threshold != threshold and any(t["rule"] in (2, 3) for t in trace):
+        ax.axhline(response_threshold, color="gray", linestyle=":", linewidth=1,
+                   label=f"response-text threshold {response_threshold:.3g}")
     forced = record.get("prefill_tokens", 0)
     if forced:
         ax.axvspan(-0.5, forced - 0.5, color="orange", alpha=0.15, label=f"forced prefill ({forced} tokens)")
