@@ -37,7 +37,7 @@ def _answers(model: ESSModel, policy: Policy) -> list:
 
 
 @pytest.fixture()
-def tiny_ess(tiny_llama, tmp_path) -> ESSModel:
+def tiny_ess(tiny_llama) -> ESSModel:
     model = ESSModel.from_base(tiny_llama).eval()
     model.config.threshold = 1.01  # every query verdict benign: every answer reaches rules 2 and 3
     return model

@@ -37,8 +37,8 @@ class QuickstartConfig:
     limit: int = 30
     """Harmful prompts attacked (the first N)."""
     benign_limit: int = 80
-    """Benign prompts asked (the first N; 80: the whole bundled set). Over-refusal is a rate near its 10 % goal,
-    which 30 prompts measure to about ±5.5 points (one standard error) and 80 to about ±3.4."""
+    """Benign prompts asked (the first N; 80: the whole bundled set). Over-refusal is a rate near its
+    10 % goal, which 30 prompts measure to about ±5.5 points (one standard error) and 80 to ±3.4."""
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
     """Attacks run on the harmful prompts."""
     max_new_tokens: int = 48
