@@ -150,6 +150,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": generation.text})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .generation import load_model
+    from .server import ChatServer, ServeConfig
+
+    config = ServeConfig(name=args.model, policy=_policy(args), max_new_tokens=args.max_new_tokens)
+    model = load_model(args.model)
+    try:
+        server = ChatServer((args.host, args.port), model, config)
+    except OSError as error:
+        print(f"ess serve: error: cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"ess serve: {args.model} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("ess serve: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
     from .jsonfiles import write_json
@@ -190,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibration import CalibrationConfig
     from .config import ESSConfig, TrainConfig
     from .generation import Policy
+    from .generation.policy import add_policy_flags
+    from .server import ServeConfig
 
     parser = argparse.ArgumentParser(prog="ess", description="Explicit safety signals for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat showing each answer's verdict and intervention point")
     _add_generation_flags(chat)
     chat.set_defaults(run=cmd_chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible chat endpoint with the safety trace in each answer")
+    serve.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    serve.add_argument("--max-new-tokens", type=int, default=ServeConfig.max_new_tokens,
+                       help=f"tokens per answer when a request sets no max_tokens (default {ServeConfig.max_new_tokens})")
+    add_policy_flags(serve)
+    serve.set_defaults(run=cmd_serve)
 
     bench = sub.add_parser("bench", help="tokens/s and overhead of each schedule against the same model without ESS")
     bench.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder")

@@ -1,0 +1,101 @@
+"""`ess serve`: the OpenAI-compatible endpoint answers as guarded generation does, with the trace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from ess.generation import Policy, Request, Sampling, generate
+from ess.model import ESSModel
+from ess.server import ChatServer, ServeConfig
+
+QUESTION = [{"role": "user", "content": "How do I bake sourdough bread?"}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama):
+    model = ESSModel.from_base(tiny_llama).eval()
+    server = ChatServer(("127.0.0.1", 0), model, ServeConfig(name="tiny", max_new_tokens=12))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield model, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _call(url: str, body: object = None, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_chat_completion_is_the_guarded_generation_with_its_trace(served):
+    model, url = served
+    status, answer = _call(url + "/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "max_tokens": 10})
+    assert status == 200 and answer["object"] == "chat.completion" and answer["model"] == "tiny"
+    expected = generate(model, [Request(QUESTION, sampling=Sampling(max_new_tokens=10), policy=Policy())])[0]
+    choice = answer["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected.text}
+    assert choice["finish_reason"] in ("stop", "length")
+    assert answer["usage"]["completion_tokens"] == len(expected.token_ids)
+    ess = answer["ess"]
+    assert ess["p_malicious"] == pytest.approx(expected.p_malicious, abs=1e-6)
+    assert [t["step"] for t in ess["trace"]] == [t.step for t in expected.trace]
+    assert ess["trace"][0]["rule"] == 0 and ess["policy"]["schedule"] == "annealing"
+
+
+def test_a_malicious_verdict_answers_with_the_explained_refusal(served):
+    model, url = served
+    threshold = model.config.threshold
+    model.config.threshold = 0.0  # every query verdict malicious
+    try:
+        status, answer = _call(url + "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 4})
+    finally:
+        model.config.threshold = threshold
+    assert status == 200
+    assert answer["choices"][0]["message"]["content"].startswith(Policy().guiding_text)
+    assert answer["ess"]["intervened"] and answer["ess"]["intervention_step"] == 0
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0]: expected {role, content}"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
+    ({"messages": QUESTION + [{"role": "assistant", "content": "Sure"}]}, "the last message must be the user's"),
+    ({"messages": QUESTION, "temperature": -1}, "'temperature' must be at least 0"),
+    ({"messages": QUESTION, "max_tokens": "ten"}, "'max_tokens' must be an integer"),
+    ({"messages": QUESTION, "stream": True}, "streaming is not supported"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, "exceeds the model's context"),
+])
+def test_bad_requests_get_a_400_naming_the_field(served, body, message):
+    status, answer = _call(served[1] + "/v1/chat/completions", body)
+    assert status == 400 and message in answer["error"]["message"]
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_models_health_and_unknown_routes(served):
+    url = served[1]
+    assert _call(url + "/v1/models") == (200, {"object": "list", "data": [{"id": "tiny", "object": "model",
+                                                                           "owned_by": "ess"}]})
+    assert _call(url + "/health") == (200, {"status": "ok"})
+    assert _call(url + "/v1/completions", {"prompt": "hi"})[0] == 404
+    status, answer = _call(url + "/v1/chat/completions", raw=b"{not json")
+    assert status == 400 and "not JSON" in answer["error"]["message"]
+
+
+def test_ess_serve_refuses_a_port_in_use_in_one_line(served, tiny_llama):
+    port = served[1].rsplit(":", 1)[1]
+    result = subprocess.run([sys.executable, "-m", "ess.cli", "serve", "--model", tiny_llama, "--port", port],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
