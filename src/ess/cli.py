@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benign prompts, never trained on, whose answers set the response threshold "
                        f"(default {d.response_calibration}; none: keep 0.8)")
     train.add_argument("--max-late-stop-rate", type=float, default=d.max_late_stop_rate,
-                       help=f"share of those answers the response threshold may stop late (default {d.max_late_stop_rate:g})")
+                       help="share of those answers the response threshold may stop late "
+                       f"(default {d.max_late_stop_rate:g})")
     train.add_argument("--replay-every", type=int, default=d.replay_every,
                        help=f"alignment: a [CLS] step on response-text windows after every N steps "
                        f"(default {d.replay_every}; 0: none)")
@@ -265,13 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="set a model's response threshold from its answers to benign prompts")
     c = CalibrationConfig()
-    calibrate.add_argument("--model", required=True, help="ESS checkpoint or training run folder (its config is updated)")
-    calibrate.add_argument("--prompts", default=c.prompts, help=f"benign prompts never used in training (default {c.prompts})")
+    calibrate.add_argument("--model", required=True,
+                           help="ESS checkpoint or training run folder (its config is updated)")
+    calibrate.add_argument("--prompts", default=c.prompts,
+                           help=f"benign prompts never used in training (default {c.prompts})")
     calibrate.add_argument("--max-late-stop-rate", type=float, default=c.max_late_stop_rate,
                            help=f"share of the answers that may be stopped late (default {c.max_late_stop_rate:g})")
     calibrate.add_argument("--floor", type=float, default=c.floor, help=f"lowest threshold set (default {c.floor:g})")
-    calibrate.add_argument("--tau", type=int, default=Policy.tau, help=f"the policy's tau the threshold is for (default {Policy.tau})")
-    calibrate.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help=f"tokens per answer (default {c.max_new_tokens})")
+    calibrate.add_argument("--tau", type=int, default=Policy.tau,
+                           help=f"the policy's tau the threshold is for (default {Policy.tau})")
+    calibrate.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens,
+                           help=f"tokens per answer (default {c.max_new_tokens})")
     calibrate.add_argument("--batch-size", type=int, default=c.batch_size)
     calibrate.set_defaults(run=cmd_calibrate)
 
@@ -290,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=cmd_chat)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible chat endpoint with the safety trace in each answer")
-    serve.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
+    serve.add_argument("--model", required=True,
+                       help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     serve.add_argument("--max-new-tokens", type=int, default=ServeConfig.max_new_tokens,
-                       help=f"tokens per answer when a request sets no max_tokens (default {ServeConfig.max_new_tokens})")
+                       help=f"tokens per answer when a request sets no max_tokens "
+                       f"(default {ServeConfig.max_new_tokens})")
     add_policy_flags(serve)
     serve.set_defaults(run=cmd_serve)
 

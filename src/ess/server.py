@@ -86,7 +86,8 @@ def _number(body: dict, key: str, kind: type, default, least: float | None = Non
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or (kind is int and not float(value).is_integer()):
         raise RequestError(f"'{key}' must be {'an integer' if kind is int else 'a number'}")
     if least is not None and value < least:
         raise RequestError(f"'{key}' must be at least {least}")
