@@ -21,10 +21,11 @@ QUESTION = [{"role": "user", "content": "How do I bake sourdough bread?"}]
 @pytest.fixture(scope="module")
 def served(tiny_llama):
     model = ESSModel.from_base(tiny_llama).eval()
-    server = ChatServer(("127.0.0.1", 0), model, ServeConfig(name="tiny", max_new_tokens=12))
+    config = ServeConfig(name="tiny", max_new_tokens=12, batch_size=8, batch_wait=0.5)
+    server = ChatServer(("127.0.0.1", 0), model, config)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield model, f"http://127.0.0.1:{server.server_address[1]}"
+    yield model, f"http://127.0.0.1:{server.server_address[1]}", server
     server.shutdown()
     server.server_close()
 
@@ -40,7 +41,7 @@ def _call(url: str, body: object = None, raw: bytes | None = None) -> tuple[int,
 
 
 def test_chat_completion_is_the_guarded_generation_with_its_trace(served):
-    model, url = served
+    model, url, _ = served
     status, answer = _call(url + "/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "max_tokens": 10})
     assert status == 200 and answer["object"] == "chat.completion" and answer["model"] == "tiny"
     expected = generate(model, [Request(QUESTION, sampling=Sampling(max_new_tokens=10), policy=Policy())])[0]
@@ -55,7 +56,7 @@ def test_chat_completion_is_the_guarded_generation_with_its_trace(served):
 
 
 def test_a_malicious_verdict_answers_with_the_explained_refusal(served):
-    model, url = served
+    model, url, _ = served
     threshold = model.config.threshold
     model.config.threshold = 0.0  # every query verdict malicious
     try:
@@ -81,6 +82,31 @@ def test_bad_requests_get_a_400_naming_the_field(served, body, message):
     status, answer = _call(served[1] + "/v1/chat/completions", body)
     assert status == 400 and message in answer["error"]["message"]
     assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_concurrent_requests_are_generated_together_and_fail_alone(served):
+    model, url, server = served
+    questions = ["What is a binary search?", "How do tides work?", "Suggest a name for a cat.", "Explain rain.",
+                 "word " * 600]  # the last is too long for the context: it fails, the batch does not
+    answers: dict[int, tuple[int, dict]] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = _call(url + "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": questions[i]}], "max_tokens": 6})
+
+    before = server.batcher.batches
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert server.batcher.batches - before < len(questions)  # some requests shared a batch
+    assert answers[4][0] == 400 and "exceeds the model's context" in answers[4][1]["error"]["message"]
+    alone = generate(model, [Request([{"role": "user", "content": q}], sampling=Sampling(max_new_tokens=6))
+                             for q in questions[:4]], batch_size=1)
+    for i, expected in enumerate(alone):  # each connection got the answer to its own question
+        status, answer = answers[i]
+        assert status == 200 and answer["ess"]["p_malicious"] == pytest.approx(expected.p_malicious, abs=1e-4)
 
 
 def test_models_health_and_unknown_routes(served):

@@ -154,7 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .generation import load_model
     from .server import ChatServer, ServeConfig
 
-    config = ServeConfig(name=args.model, policy=_policy(args), max_new_tokens=args.max_new_tokens)
+    config = ServeConfig(name=args.model, policy=_policy(args), max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size)
     model = load_model(args.model)
     try:
         server = ChatServer((args.host, args.port), model, config)
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=ServeConfig.max_new_tokens,
                        help=f"tokens per answer when a request sets no max_tokens "
                        f"(default {ServeConfig.max_new_tokens})")
+    serve.add_argument("--batch-size", type=int, default=ServeConfig.batch_size,
+                       help=f"requests from concurrent connections generated together (default {ServeConfig.batch_size})")
     add_policy_flags(serve)
     serve.set_defaults(run=cmd_serve)
 

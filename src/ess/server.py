@@ -6,7 +6,8 @@
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok"}
 
-One model, answered one request at a time; any OpenAI client works against it. Bad requests get a
+One model; requests from concurrent connections are generated together in batches (`Batcher`).
+Any OpenAI client works against it. Bad requests get a
 400 with an OpenAI-style `{"error": {"message", "type"}}` naming the field, never a traceback.
 The standard library's HTTP server: no extra dependency, meant for a trusted network.
 """
@@ -14,6 +15,7 @@ The standard library's HTTP server: no extra dependency, meant for a trusted net
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 import time
@@ -43,6 +45,10 @@ class ServeConfig:
     """Strategic attention and decoding of every answer."""
     max_new_tokens: int = 256
     """Tokens an answer may generate when the request sets no `max_tokens`."""
+    batch_size: int = 8
+    """Requests from different connections generated together, at most."""
+    batch_wait: float = 0.01
+    """Seconds a batch waits for more requests after its first one."""
 
 
 def chat_request(body: object, config: ServeConfig) -> Request:
@@ -122,26 +128,86 @@ def chat_completion(generation, request: Request, prompt_tokens: int, name: str)
     }
 
 
+class _Pending:
+    """One request waiting for its answer."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.done = threading.Event()
+        self.answer: tuple[object, int] | None = None
+        self.error: Exception | None = None
+
+
+class Batcher:
+    """Answers requests from many connections in batches, on one thread that owns the model.
+
+    A batch starts with the first waiting request and takes whatever else arrives within `wait`
+    seconds, up to `batch_size`. If the batch cannot be generated together (one prompt too long for
+    the context next to another's token budget), each request is answered alone, so one bad request
+    fails only itself."""
+
+    def __init__(self, model, batch_size: int, wait: float):
+        self.model = model
+        self.encoder = ChatEncoder.for_model(model)
+        self.batch_size = batch_size
+        self.wait = wait
+        self.batches = 0
+        self.queue: queue.Queue[_Pending] = queue.Queue()
+        threading.Thread(target=self._run, daemon=True, name="ess-batcher").start()
+
+    def submit(self, request: Request) -> tuple[object, int]:
+        """(generation, prompt tokens) of one request; blocks until it is answered."""
+        pending = _Pending(request)
+        self.queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.answer
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.batch_size and (left := deadline - time.monotonic()) > 0:
+                try:
+                    batch.append(self.queue.get(timeout=left))
+                except queue.Empty:
+                    break
+            self.batches += 1
+            if not self._answer(batch):
+                for pending in batch:
+                    self._answer([pending])
+            for pending in batch:
+                pending.done.set()
+
+    def _answer(self, batch: list[_Pending]) -> bool:
+        """Answer the batch; False where it failed as a whole (a lone request keeps its error)."""
+        try:
+            generations = generate(self.model, [p.request for p in batch], batch_size=len(batch))
+            answers = [(g, len(self.encoder.query_ids(p.request.messages))) for p, g in zip(batch, generations)]
+        except Exception as error:
+            if len(batch) > 1:
+                return False
+            batch[0].error = RequestError(str(error)) if isinstance(error, GenerationError) else error
+            return True
+        for pending, answer in zip(batch, answers):
+            pending.answer = answer
+        return True
+
+
 class ChatServer(ThreadingHTTPServer):
-    """The HTTP server and the model it serves; one generation at a time."""
+    """The HTTP server and the model it serves through a `Batcher`."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], model, config: ServeConfig):
         super().__init__(address, _Handler)
-        self.model = model
         self.config = config
-        self.encoder = ChatEncoder.for_model(model)
-        self.lock = threading.Lock()
+        self.batcher = Batcher(model, config.batch_size, config.batch_wait)
 
     def answer(self, body: object) -> dict:
         request = chat_request(body, self.config)
-        with self.lock:
-            try:
-                generation = generate(self.model, [request])[0]
-            except GenerationError as error:
-                raise RequestError(str(error)) from None
-            prompt_tokens = len(self.encoder.query_ids(request.messages))
+        generation, prompt_tokens = self.batcher.submit(request)
         return chat_completion(generation, request, prompt_tokens, self.config.name)
 
 
