@@ -7,9 +7,9 @@
     GET  /health                {"status": "ok"}
 
 One model; requests from concurrent connections are generated together in batches (`Batcher`).
-Any OpenAI client works against it. Bad requests get a
-400 with an OpenAI-style `{"error": {"message", "type"}}` naming the field, never a traceback.
-The standard library's HTTP server: no extra dependency, meant for a trusted network.
+Any OpenAI client works against it. Bad requests get a 400 with an OpenAI-style
+`{"error": {"message", "type"}}` naming the field, never a traceback. The standard library's HTTP
+server: no extra dependency, meant for a trusted network.
 """
 
 from __future__ import annotations
