@@ -44,7 +44,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import CalibrationConfig, calibrate_response_threshold, describe
-    from .config import ESSConfig
     from .generation import Policy
     from .generation.policy import validate
     from .model import CONFIG_FILE, find_checkpoint
@@ -55,9 +54,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model = _load_ess_model(args.model)
     result = calibrate_response_threshold(model, config, policy)
     path = find_checkpoint(args.model) / CONFIG_FILE
-    saved = ESSConfig.load(path)
-    saved.response_threshold = result.response_threshold
-    saved.save(path)
+    model.config.save(path)  # the config it was loaded from, with the new response threshold
     print(describe(result, config))
     print(f"wrote response_threshold {result.response_threshold:.3f} to {path}")
     return 0

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from .attacks import DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, get_attack
 from .data.loaders import load_examples
 from .data.schema import Example
-from .generation.policy import add_policy_flags, policy_overrides, validate
+from .generation.policy import add_policy_flags, policy_overrides, response_threshold_of, validate
 from .generation.types import Policy, Request, Sampling
 from .jsonfiles import read_json, write_json
 from .judges import Judge, get_judge, refusal_start
@@ -521,7 +521,7 @@ def _answer(chunk: list[_Item], model, policy: Policy, judge: Judge, config: Eva
     verdicts = dict(zip(harmful, judge.judge_batch(pairs)))
     plain = policy.schedule == "none"
     thresholds = (None, None) if plain else (model.config.threshold,
-                                             policy.response_threshold or model.config.response_threshold)
+                                             response_threshold_of(policy, model.config.response_threshold))
     return [_record(item, request, generation, model.tokenizer, verdicts.get(n), judge, thresholds)
             for n, (item, request, generation) in enumerate(zip(chunk, requests, generations))]
 

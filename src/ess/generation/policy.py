@@ -70,6 +70,12 @@ def policy_overrides(values: object) -> dict:
     return {name: value for name, value in found.items() if value is not None}
 
 
+def response_threshold_of(policy: Policy, model_threshold: float) -> float:
+    """The p(malicious) at which a verdict on response text alone counts (rules 2 and 3): the
+    policy's own, else the model's calibrated one."""
+    return policy.response_threshold or model_threshold
+
+
 def schedule_interval(schedule: str) -> int | None:
     """The K of `periodic:K`, None for the other schedules; raises on an unknown schedule."""
     if schedule in ("none", "first", "every", "annealing"):
@@ -102,7 +108,7 @@ class RowPolicy:
     def __init__(self, policy: Policy, threshold: float, response_threshold: float):
         self.policy = policy
         self.threshold = threshold
-        self.response_threshold = policy.response_threshold or response_threshold
+        self.response_threshold = response_threshold_of(policy, response_threshold)
         self.query_malicious = False
         self.transition_at: int | None = None
         self.consecutive = 0
