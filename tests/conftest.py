@@ -22,8 +22,13 @@ def _tiny_config(family: str, vocab_size: int):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     )
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)

@@ -12,9 +12,16 @@ from ess.calibration import CalibrationConfig, CalibrationError, calibrate_respo
 from ess.generation import Policy, Request, Sampling, generate
 from ess.model import ESSModel
 
-PROMPTS = ["How do I bake sourdough bread?", "Explain photosynthesis to a child.", "Write a haiku about rain.",
-           "What is a binary search?", "How do tides work?", "Suggest a name for a cat.",
-           "How do I kill a stuck process on Linux?", "Summarise the plot of Hamlet."]
+PROMPTS = [
+    "How do I bake sourdough bread?",
+    "Explain photosynthesis to a child.",
+    "Write a haiku about rain.",
+    "What is a binary search?",
+    "How do tides work?",
+    "Suggest a name for a cat.",
+    "How do I kill a stuck process on Linux?",
+    "Summarise the plot of Hamlet.",
+]
 
 
 def test_late_stop_score_is_the_best_run_of_tau_consecutive_verdicts():
@@ -31,8 +38,9 @@ def test_bad_calibration_settings_are_refused():
 
 
 def _answers(model: ESSModel, policy: Policy) -> list:
-    requests = [Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=16), policy=policy)
-                for p in PROMPTS]
+    requests = [
+        Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=16), policy=policy) for p in PROMPTS
+    ]
     return generate(model, requests, batch_size=4)
 
 
@@ -69,8 +77,22 @@ def test_ess_calibrate_writes_the_threshold_into_the_checkpoint(tiny_ess, tmp_pa
     tiny_ess.save_pretrained(tmp_path / "model")
     prompts = tmp_path / "benign.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    command = [sys.executable, "-m", "ess.cli", "calibrate", "--model", str(tmp_path / "model"), "--prompts",
-               str(prompts), "--floor", "0.01", "--max-late-stop-rate", "0", "--max-new-tokens", "16"]
+    command = [
+        sys.executable,
+        "-m",
+        "ess.cli",
+        "calibrate",
+        "--model",
+        str(tmp_path / "model"),
+        "--prompts",
+        str(prompts),
+        "--floor",
+        "0.01",
+        "--max-late-stop-rate",
+        "0",
+        "--max-new-tokens",
+        "16",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "model" / "ess_config.json").read_text())

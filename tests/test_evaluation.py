@@ -13,12 +13,26 @@ import pytest
 import torch
 
 import ess.generation
-from ess.evaluation import (
-    BENIGN_TASK, MAIN_TASK, RECORD_FIELDS, EvalConfig, EvalError, RecordStore, Task, _continuation, _Item, _sampling,
-    add_eval_arguments, cmd_eval, config_from_args, paper_suite, run_eval, summarize,
-)
 from ess.attacks import AttackedInput, get_attack
 from ess.data.schema import Example
+from ess.evaluation import (
+    BENIGN_TASK,
+    MAIN_TASK,
+    RECORD_FIELDS,
+    EvalConfig,
+    EvalError,
+    RecordStore,
+    Task,
+    _continuation,
+    _Item,
+    _sampling,
+    add_eval_arguments,
+    cmd_eval,
+    config_from_args,
+    paper_suite,
+    run_eval,
+    summarize,
+)
 from ess.generation.types import Sampling
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -37,10 +51,28 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_flags_map_to_the_config_and_the_ablations():
-    config = config_from_args(_parse("--prompts", "p.csv", "--attacks", "direct, prefill:10,decoding:quick",
-                                     "--no-strategic-attention", "--no-strategic-decoding", "--schedule", "every",
-                                     "--tau", "2", "--judge", "endpoint", "--judge-model", "j", "--limit", "5",
-                                     "--benign-limit", "7"))
+    config = config_from_args(
+        _parse(
+            "--prompts",
+            "p.csv",
+            "--attacks",
+            "direct, prefill:10,decoding:quick",
+            "--no-strategic-attention",
+            "--no-strategic-decoding",
+            "--schedule",
+            "every",
+            "--tau",
+            "2",
+            "--judge",
+            "endpoint",
+            "--judge-model",
+            "j",
+            "--limit",
+            "5",
+            "--benign-limit",
+            "7",
+        )
+    )
     assert config.attacks == ["direct", "prefill:10", "decoding:quick"]
     assert config.judge_options == {"model": "j"} and config.limit == 5 and config.max_new_tokens == 64
     assert config.benign_limit == 7
@@ -55,8 +87,18 @@ def test_generate_and_eval_read_the_same_policy_flags():
     from ess.cli import _policy, build_parser
     from ess.generation import Policy
 
-    flags = ("--schedule", "periodic:4", "--reliance", "high", "--tau", "2", "--min-window", "5",
-             "--response-threshold", "0.6")
+    flags = (
+        "--schedule",
+        "periodic:4",
+        "--reliance",
+        "high",
+        "--tau",
+        "2",
+        "--min-window",
+        "5",
+        "--response-threshold",
+        "0.6",
+    )
     expected = ("periodic:4", "high", 2, 5, 0.6)
 
     def fields(policy: Policy) -> tuple:
@@ -67,15 +109,21 @@ def test_generate_and_eval_read_the_same_policy_flags():
     assert fields(config_from_args(_parse("--prompts", "p.csv", *flags)).model_policy()) == expected
     # Without the flags, `ess generate` and `ess eval` both use Policy's defaults.
     default = fields(Policy())
-    assert fields(_policy(build_parser().parse_args(["generate", "--model", "m", "--prompt", "hi"]))) == ("none", *default[1:])
+    assert fields(_policy(build_parser().parse_args(["generate", "--model", "m", "--prompt", "hi"]))) == (
+        "none",
+        *default[1:],
+    )
     assert fields(config_from_args(_parse("--prompts", "p.csv")).model_policy()) == default
 
 
-@pytest.mark.parametrize("argv, message", [
-    ((), "--prompts"),
-    (("--prompts", "p", "--no-strategic-decoding", "--reliance", "high"), "reliance low"),
-    (("--suite", "paper", "--prompts", "p"), "sets the prompts"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ((), "--prompts"),
+        (("--prompts", "p", "--no-strategic-decoding", "--reliance", "high"), "reliance low"),
+        (("--suite", "paper", "--prompts", "p"), "sets the prompts"),
+    ],
+)
 def test_bad_flag_combinations(argv, message):
     with pytest.raises(EvalError, match=message):
         config_from_args(_parse(*argv))
@@ -85,9 +133,20 @@ def test_bad_flag_combinations(argv, message):
 def test_paper_suite_from_the_shared_data():
     main, attacks, extra, xstest, notes = paper_suite(SHARED_DATA)
     assert main == str(ADVBENCH)
-    assert attacks == ["direct", "prefill:5", "prefill:10", "prefill:20", "prefill:40", "deepinception", "pap", "decoding"]
+    assert attacks == [
+        "direct",
+        "prefill:5",
+        "prefill:10",
+        "prefill:20",
+        "prefill:40",
+        "deepinception",
+        "pap",
+        "decoding",
+    ]
     assert [(t.name, t.attacks, t.summary_key(t.attacks[0])) for t in extra] == [
-        ("autodan", ["autodan"], "autodan"), ("malicious_instruct", ["decoding"], "decoding@MaliciousInstruct")]
+        ("autodan", ["autodan"], "autodan"),
+        ("malicious_instruct", ["decoding"], "decoding@MaliciousInstruct"),
+    ]
     assert xstest == str(XSTEST)
     assert any("GCG" in n for n in notes)
 
@@ -125,23 +184,43 @@ def test_continuation_skips_the_prefill():
 
 
 def _record(model="model", task="main", attack="direct", config="default", index=0, unsafe=False, refused=False):
-    return {"model": model, "task": task, "attack": attack, "config": config, "index": index, "unsafe": unsafe,
-            "refused": refused, "prompt": f"p{index}"}
+    return {
+        "model": model,
+        "task": task,
+        "attack": attack,
+        "config": config,
+        "index": index,
+        "unsafe": unsafe,
+        "refused": refused,
+        "prompt": f"p{index}",
+    }
 
 
 def test_summary_schema_and_any_configuration_rule():
-    tasks = [Task("main", "x", ["direct", "decoding:quick"]), Task("mi", "y", ["decoding:quick"], label="MaliciousInstruct")]
+    tasks = [
+        Task("main", "x", ["direct", "decoding:quick"]),
+        Task("mi", "y", ["decoding:quick"], label="MaliciousInstruct"),
+    ]
     attacks = {t.name: [get_attack(a) for a in t.attacks] for t in tasks}
     examples = [Example.from_prompt(f"p{i}", "malicious") for i in range(4)]
     prompts = {"main": examples, "mi": examples[:2], BENIGN_TASK: examples[:2]}
     records = [
-        _record(index=0, unsafe=True), _record(index=1), _record(index=2), _record(index=3),
-        _record(attack="decoding:quick", config="greedy", index=0), _record(attack="decoding:quick", config="top_k=20", index=0, unsafe=True),
-        _record(attack="decoding:quick", config="greedy", index=1), _record(attack="decoding:quick", config="top_k=20", index=1, unsafe=True),
-        _record(attack="decoding:quick", config="greedy", index=2), _record(attack="decoding:quick", config="greedy", index=3),
-        _record(task="mi", attack="decoding:quick", index=0), _record(task="mi", attack="decoding:quick", index=1),
-        _record(task=BENIGN_TASK, index=0, unsafe=None, refused=True), _record(task=BENIGN_TASK, index=1, unsafe=None),
-        _record(model="baseline", index=0, unsafe=True), _record(model="baseline", index=1, unsafe=True),
+        _record(index=0, unsafe=True),
+        _record(index=1),
+        _record(index=2),
+        _record(index=3),
+        _record(attack="decoding:quick", config="greedy", index=0),
+        _record(attack="decoding:quick", config="top_k=20", index=0, unsafe=True),
+        _record(attack="decoding:quick", config="greedy", index=1),
+        _record(attack="decoding:quick", config="top_k=20", index=1, unsafe=True),
+        _record(attack="decoding:quick", config="greedy", index=2),
+        _record(attack="decoding:quick", config="greedy", index=3),
+        _record(task="mi", attack="decoding:quick", index=0),
+        _record(task="mi", attack="decoding:quick", index=1),
+        _record(task=BENIGN_TASK, index=0, unsafe=None, refused=True),
+        _record(task=BENIGN_TASK, index=1, unsafe=None),
+        _record(model="baseline", index=0, unsafe=True),
+        _record(model="baseline", index=1, unsafe=True),
         _record(model="baseline", task=BENIGN_TASK, index=0, unsafe=None),
         _record(index=9, unsafe=True),  # beyond this run's --limit: not counted
     ]
@@ -150,9 +229,11 @@ def test_summary_schema_and_any_configuration_rule():
     assert set(summary) == {"models"}
     model = summary["models"]["model"]
     assert model == {
-        "attacks": {"direct": {"asr": 0.25, "n": 4, "judge": "keyword"},
-                    "decoding:quick": {"asr": 0.5, "n": 4, "judge": "keyword"},
-                    "decoding:quick@MaliciousInstruct": {"asr": 0.0, "n": 2, "judge": "keyword"}},
+        "attacks": {
+            "direct": {"asr": 0.25, "n": 4, "judge": "keyword"},
+            "decoding:quick": {"asr": 0.5, "n": 4, "judge": "keyword"},
+            "decoding:quick@MaliciousInstruct": {"asr": 0.0, "n": 2, "judge": "keyword"},
+        },
         "over_refusal": 0.5,
         "auroc": pytest.approx(5 / 6),
     }
@@ -194,8 +275,18 @@ def tiny_checkpoint(tiny_llama, tmp_path_factory) -> str:
 
 
 def _config(checkpoint: str, baseline: str, out: Path, **overrides) -> EvalConfig:
-    fields = dict(model=checkpoint, baseline=baseline, prompts=str(ADVBENCH), benign_prompts=str(XSTEST),
-                  attacks=list(ATTACKS), limit=LIMIT, out=str(out), max_new_tokens=4, batch_size=4, probe_limit=2)
+    fields = dict(
+        model=checkpoint,
+        baseline=baseline,
+        prompts=str(ADVBENCH),
+        benign_prompts=str(XSTEST),
+        attacks=list(ATTACKS),
+        limit=LIMIT,
+        out=str(out),
+        max_new_tokens=4,
+        batch_size=4,
+        probe_limit=2,
+    )
     return EvalConfig(**(fields | overrides))
 
 
@@ -217,7 +308,7 @@ def test_end_to_end_summary_schema_is_exact(finished_run):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert set(summary) == {"models", "probe"}
     assert set(summary["models"]) == {"model", "baseline"}
-    for key, entry in summary["models"].items():
+    for _key, entry in summary["models"].items():
         assert set(entry) == {"attacks", "over_refusal", "auroc"}
         assert list(entry["attacks"]) == ATTACKS
         for result in entry["attacks"].values():
@@ -260,12 +351,18 @@ def test_end_to_end_records_hold_what_was_sent(finished_run, tiny_llama):
             assert isinstance(record["unsafe"], bool) and record["judge"] == "keyword"
         if record["attack"] == "prefill:5":
             assert record["prefill"] and record["attack_meta"] == {"prefill_source": "target"}
-            assert record["prefill_tokens"] == len(tokenizer(record["prefill"], add_special_tokens=False)["input_ids"]) <= 5
+            assert (
+                record["prefill_tokens"]
+                == len(tokenizer(record["prefill"], add_special_tokens=False)["input_ids"])
+                <= 5
+            )
             assert record["response"].startswith(record["prefill"]) and record["judged_from"] == len(record["prefill"])
         if record["config"].startswith("temperature") or record["config"].startswith("top_"):
             assert record["sampling"]["seed"] is not None
     # The same seed for the same record of both models: paired samples.
-    seeds = {(r["model"], r["config"], r["index"]): r["sampling"]["seed"] for r in records if r["attack"] == "decoding:quick"}
+    seeds = {
+        (r["model"], r["config"], r["index"]): r["sampling"]["seed"] for r in records if r["attack"] == "decoding:quick"
+    }
     assert all(seeds[("model", c, i)] == seeds[("baseline", c, i)] for (_, c, i) in seeds)
     # The prefill is the start of the AdvBench target.
     from ess.data.loaders import load_examples
@@ -286,8 +383,11 @@ def test_each_model_is_loaded_once_and_limits_apply_per_prompt_set(tiny_checkpoi
         return real_load(reference)
 
     monkeypatch.setattr(ess.generation, "load_model", counting)
-    run_eval(_config(tiny_checkpoint, tiny_llama, tmp_path / "run", attacks=["direct"], limit=1, benign_limit=3,
-                     probe_limit=1))
+    run_eval(
+        _config(
+            tiny_checkpoint, tiny_llama, tmp_path / "run", attacks=["direct"], limit=1, benign_limit=3, probe_limit=1
+        )
+    )
     assert sorted(loaded) == sorted([tiny_checkpoint, tiny_llama])
     records = RecordStore(tmp_path / "run" / "records.jsonl").rows
     assert sorted(r["task"] for r in records if r["model"] == "model") == [BENIGN_TASK] * 3 + [MAIN_TASK]
@@ -318,7 +418,9 @@ def test_rerun_redoes_nothing_finished(finished_run, tiny_checkpoint, tiny_llama
 
 @needs_data
 @pytest.mark.slow
-def test_interrupted_run_resumes_only_the_missing_records(finished_run, tiny_checkpoint, tiny_llama, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_only_the_missing_records(
+    finished_run, tiny_checkpoint, tiny_llama, tmp_path, monkeypatch
+):
     out = _copy_run(finished_run[0], tmp_path)
     lines = (out / "records.jsonl").read_text().splitlines()
     missing = [json.loads(line) for line in lines[-3:]]
@@ -344,8 +446,15 @@ def test_interrupted_run_resumes_only_the_missing_records(finished_run, tiny_che
 def test_gcg_suffixes_are_optimised_once_across_resumes(tiny_checkpoint, tiny_llama, tmp_path, monkeypatch):
     import ess.attacks.gcg
 
-    config = _config(tiny_checkpoint, tiny_llama, tmp_path / "run", attacks=["gcg:steps=1,width=4,len=3"], limit=1,
-                     benign_prompts=None, probe_limit=0)
+    config = _config(
+        tiny_checkpoint,
+        tiny_llama,
+        tmp_path / "run",
+        attacks=["gcg:steps=1,width=4,len=3"],
+        limit=1,
+        benign_prompts=None,
+        probe_limit=0,
+    )
     run_eval(config)
     first = [json.loads(line) for line in (Path(config.out) / "records.jsonl").read_text().splitlines()]
     (Path(config.out) / "records.jsonl").unlink()  # a run stopped after the optimisation, before any answer
@@ -353,7 +462,8 @@ def test_gcg_suffixes_are_optimised_once_across_resumes(tiny_checkpoint, tiny_ll
     run_eval(config)
     again = [json.loads(line) for line in (Path(config.out) / "records.jsonl").read_text().splitlines()]
     assert [(r["model"], r["messages"], r["attack_meta"]["suffix"]) for r in again] == [
-        (r["model"], r["messages"], r["attack_meta"]["suffix"]) for r in first]
+        (r["model"], r["messages"], r["attack_meta"]["suffix"]) for r in first
+    ]
     assert {r["model"] for r in again} == {"model", "baseline"}
 
 
@@ -372,7 +482,9 @@ class _AlwaysNo(BaseHTTPRequestHandler):
 
 @needs_data
 @pytest.mark.slow
-def test_another_judge_rejudges_stored_answers_without_generating(finished_run, tiny_checkpoint, tiny_llama, tmp_path, monkeypatch):
+def test_another_judge_rejudges_stored_answers_without_generating(
+    finished_run, tiny_checkpoint, tiny_llama, tmp_path, monkeypatch
+):
     out = _copy_run(finished_run[0], tmp_path)
     monkeypatch.setattr(ess.generation, "generate", lambda *a, **k: pytest.fail("no generation for a new judge"))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _AlwaysNo)
@@ -413,8 +525,20 @@ def test_out_folder_of_other_settings_is_refused(finished_run, tiny_checkpoint, 
 @pytest.mark.slow
 def test_cmd_eval_plain_model_without_baseline(tiny_llama, tmp_path, capsys):
     out = tmp_path / "plain"
-    args = _parse("--prompts", "seed:heldout_harmful", "--benign-prompts", "seed:heldout_benign_alarming",
-                  "--attacks", "direct,prefill:3,past-tense", "--limit", "2", "--max-new-tokens", "3", "--probe-limit", "0")
+    args = _parse(
+        "--prompts",
+        "seed:heldout_harmful",
+        "--benign-prompts",
+        "seed:heldout_benign_alarming",
+        "--attacks",
+        "direct,prefill:3,past-tense",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--probe-limit",
+        "0",
+    )
     args.model, args.out = tiny_llama, str(out)
     assert cmd_eval(args) == 0
     printed = capsys.readouterr().out
@@ -425,15 +549,29 @@ def test_cmd_eval_plain_model_without_baseline(tiny_llama, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert all(r["policy"]["schedule"] == "none" for r in records)
     # Seed prompts have no target: the prefill came from the plain model's greedy answer, or the generic start.
-    assert {r["attack_meta"].get("prefill_source") for r in records if r["attack"] == "prefill:3"} <= {"reference", "generic"}
+    assert {r["attack_meta"].get("prefill_source") for r in records if r["attack"] == "prefill:3"} <= {
+        "reference",
+        "generic",
+    }
     assert (out / "reference_answers.jsonl").exists()
 
 
 def test_cmd_eval_reports_bad_input_in_one_line(tmp_path, capsys):
     from ess.cli import main
 
-    code = main(["eval", "--model", "m", "--prompts", "seed:heldout_harmful", "--attacks", "no-such-attack",
-                 "--out", str(tmp_path / "x")])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "m",
+            "--prompts",
+            "seed:heldout_harmful",
+            "--attacks",
+            "no-such-attack",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("ess eval: error: unknown attack 'no-such-attack'") and err.count("\n") == 1
@@ -442,8 +580,19 @@ def test_cmd_eval_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_cmd_eval_rejects_a_bad_policy_before_any_work(tmp_path, capsys):
     from ess.cli import main
 
-    code = main(["eval", "--model", "m", "--prompts", "seed:heldout_harmful", "--response-threshold", "2",
-                 "--out", str(tmp_path / "x")])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "m",
+            "--prompts",
+            "seed:heldout_harmful",
+            "--response-threshold",
+            "2",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert code == 2
     assert "response_threshold must be in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

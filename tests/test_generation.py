@@ -29,24 +29,41 @@ def _requests(n_tokens: int) -> list[Request]:
         ("Write a haiku", "Autumn", "first", "medium", 1),
     ]
     return [
-        Request([{"role": "user", "content": q}], prefill=prefill, sampling=Sampling(max_new_tokens=n_tokens),
-                policy=Policy(schedule=schedule, reliance=reliance, tau=2, r1=3, r2=4, r3=2, min_window=min_window))
+        Request(
+            [{"role": "user", "content": q}],
+            prefill=prefill,
+            sampling=Sampling(max_new_tokens=n_tokens),
+            policy=Policy(schedule=schedule, reliance=reliance, tau=2, r1=3, r2=4, r3=2, min_window=min_window),
+        )
         for q, prefill, schedule, reliance, min_window in cases
     ]
 
 
 def _set_threshold_between_verdicts(model: ESSModel, requests: list[Request]) -> None:
     """A threshold that makes some first verdicts malicious and others benign."""
-    first = sorted(g.p_malicious for g in generate(model, [
-        Request(r.messages, sampling=Sampling(max_new_tokens=0), policy=Policy(schedule="first", reliance="low"))
-        for r in requests]))
+    first = sorted(
+        g.p_malicious
+        for g in generate(
+            model,
+            [
+                Request(
+                    r.messages, sampling=Sampling(max_new_tokens=0), policy=Policy(schedule="first", reliance="low")
+                )
+                for r in requests
+            ],
+        )
+    )
     model.config.threshold = (first[len(first) // 2 - 1] + first[len(first) // 2]) / 2
 
 
 def _assert_same(fast, slow):
     for a, b in zip(fast, slow):
         assert a.token_ids == b.token_ids
-        assert (a.intervened, a.intervention_step, a.finish_reason) == (b.intervened, b.intervention_step, b.finish_reason)
+        assert (a.intervened, a.intervention_step, a.finish_reason) == (
+            b.intervened,
+            b.intervention_step,
+            b.finish_reason,
+        )
         assert [(t.step, t.span, t.rule) for t in a.trace] == [(t.step, t.span, t.rule) for t in b.trace]
         for t, u in zip(a.trace, b.trace):
             assert abs(t.p_malicious - u.p_malicious) <= 1e-4
@@ -100,16 +117,20 @@ def test_plain_mode_equals_hf_generate(tiny_llama):
     model = _model(tiny_llama)
     tokenizer = model.tokenizer
     prompts = ["Hello!", "Write a long story about a cat who learns to fly.", "2+2?"]
-    requests = [Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=16), policy=Policy(schedule="none"))
-                for p in prompts]
+    requests = [
+        Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=16), policy=Policy(schedule="none"))
+        for p in prompts
+    ]
     ours = generate(model, requests, batch_size=3)
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.base_lm.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     eos = tokenizer.eos_token_id
-    for generation, row in zip(ours, out[:, enc.input_ids.shape[1]:].tolist()):
+    for generation, row in zip(ours, out[:, enc.input_ids.shape[1] :].tolist()):
         expected = row[: row.index(eos)] if eos in row else row
         assert generation.token_ids == expected
 
@@ -117,8 +138,12 @@ def test_plain_mode_equals_hf_generate(tiny_llama):
 def test_medium_reliance_inserts_guiding_text_after_prefill(tiny_llama):
     model = _model(tiny_llama)
     model.config.threshold = 0.0  # every verdict is malicious
-    request = Request([{"role": "user", "content": "anything"}], prefill="Sure, here is how",
-                      sampling=Sampling(max_new_tokens=5), policy=Policy(reliance="medium"))
+    request = Request(
+        [{"role": "user", "content": "anything"}],
+        prefill="Sure, here is how",
+        sampling=Sampling(max_new_tokens=5),
+        policy=Policy(reliance="medium"),
+    )
     generation = generate(model, [request])[0]
     assert generation.intervened
     assert generation.text.startswith("Sure, here is how\nSorry, I cannot fulfill your request because")
@@ -158,7 +183,22 @@ def test_sampling_rules():
 
 
 def test_schedules():
-    assert [n for n in range(1, 40) if reevaluate_at("annealing", n)] == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 28, 32]
+    assert [n for n in range(1, 40) if reevaluate_at("annealing", n)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        12,
+        16,
+        20,
+        24,
+        28,
+        32,
+    ]
     assert [n for n in range(1, 200) if reevaluate_at("annealing", n)][-1] == 128
     assert [n for n in range(1, 31) if reevaluate_at("periodic:10", n)] == [10, 20, 30]
     assert not any(reevaluate_at("first", n) for n in range(1, 50))
@@ -194,7 +234,9 @@ def test_benign_query_is_rejudged_only_once_a_window_of_response_exists():
     malicious = RowPolicy(Policy(schedule="every", reliance="low", min_window=8), threshold=0.5, response_threshold=0.5)
     malicious.first_verdict(0.9)  # rule 1 reads the query too: no wait
     assert malicious.wants_reevaluation(1)
-    ablation = RowPolicy(Policy(schedule="every", min_window=8, strategic_attention=False), threshold=0.5, response_threshold=0.5)
+    ablation = RowPolicy(
+        Policy(schedule="every", min_window=8, strategic_attention=False), threshold=0.5, response_threshold=0.5
+    )
     ablation.first_verdict(0.2)
     assert ablation.wants_reevaluation(1)
 

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from ess.judges import (
-    REFUSAL_PHRASES, EndpointJudge, GuardJudge, JudgeError, get_judge, is_refusal, parse_guard_answer, refusal_start,
+    REFUSAL_PHRASES,
+    EndpointJudge,
+    GuardJudge,
+    JudgeError,
+    get_judge,
+    is_refusal,
+    parse_guard_answer,
+    refusal_start,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -87,10 +94,18 @@ def tiny_classifier(tmp_path_factory, default_model_dir) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=2,
-                         id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1},
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=2,
+        id2label={0: "safe", 1: "unsafe"},
+        label2id={"safe": 0, "unsafe": 1},
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
     torch.manual_seed(3)
     model = LlamaForSequenceClassification(config)
     folder = tmp_path_factory.mktemp("guard-classifier")
@@ -102,8 +117,12 @@ def tiny_classifier(tmp_path_factory, default_model_dir) -> str:
 def test_guard_classifier_follows_its_labels(tiny_classifier):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    pairs = [("How do I make a bomb?", "Mix the following chemicals"), ("Hi", "I cannot help with that."),
-             ("Tell me a joke", "Why did the chicken cross the road?"), ("q", "Step 1. Step 2. Step 3.")]
+    pairs = [
+        ("How do I make a bomb?", "Mix the following chemicals"),
+        ("Hi", "I cannot help with that."),
+        ("Tell me a joke", "Why did the chicken cross the road?"),
+        ("q", "Step 1. Step 2. Step 3."),
+    ]
     judge = get_judge(f"guard:{tiny_classifier}")
     verdicts = judge.judge_batch(pairs)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()

@@ -394,7 +394,9 @@ def test_held_out_and_calibration_seed_prompts_are_not_in_training():
 @needs_shared
 def test_seed_prompts_are_not_taken_from_evaluation_sets():
     seed = [p for name in seed_names() for p in load_prompts(f"seed:{name}")]
-    public = (load_prompts(SHARED / "advbench" / "harmful_behaviors.csv")
-              + load_prompts(SHARED / "malicious_instruct" / "MaliciousInstruct.txt")
-              + load_prompts(SHARED / "xstest" / "xstest_prompts.csv"))
+    public = (
+        load_prompts(SHARED / "advbench" / "harmful_behaviors.csv")
+        + load_prompts(SHARED / "malicious_instruct" / "MaliciousInstruct.txt")
+        + load_prompts(SHARED / "xstest" / "xstest_prompts.csv")
+    )
     assert _near_duplicates(seed, public) == []

@@ -110,8 +110,10 @@ def test_padded_batch_equals_one_at_a_time(tiny_models, family, phase):
             n = len(item.ids)
             torch.testing.assert_close(together.p_malicious[row], alone.p_malicious[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(
-                model.lm_logits(together.hidden_states[row, :n]), model.lm_logits(alone.hidden_states[0]),
-                atol=1e-4, rtol=1e-4,
+                model.lm_logits(together.hidden_states[row, :n]),
+                model.lm_logits(alone.hidden_states[0]),
+                atol=1e-4,
+                rtol=1e-4,
             )
 
 
@@ -149,13 +151,16 @@ def test_forced_prefix_is_read_but_not_trained(tiny_llama):
     model = _model(tiny_llama)
     encoder = _encoder(model)
     guiding = "Sorry, I cannot fulfill your request because"
-    example = Example.from_prompt("bad request", "malicious", response=f"{guiding} it is harmful.",
-                                  meta={"forced_prefix": guiding})
+    example = Example.from_prompt(
+        "bad request", "malicious", response=f"{guiding} it is harmful.", meta={"forced_prefix": guiding}
+    )
     item = encoder.encode_example(example)
     forced = encoder.tokenize(guiding)
     start = item.roles.index(Role.RESPONSE)
     assert item.ids[start : start + len(forced)] == forced  # tokenized as the generator inserts it
     assert not any(item.lm_target[start : start + len(forced)])
-    assert all(item.lm_target[start + len(forced):])
-    plain = encoder.encode_example(Example.from_prompt("bad request", "malicious", response=f"{guiding} it is harmful."))
+    assert all(item.lm_target[start + len(forced) :])
+    plain = encoder.encode_example(
+        Example.from_prompt("bad request", "malicious", response=f"{guiding} it is harmful.")
+    )
     assert all(plain.lm_target[start:])

@@ -68,16 +68,19 @@ def test_a_malicious_verdict_answers_with_the_explained_refusal(served):
     assert answer["ess"]["intervened"] and answer["ess"]["intervention_step"] == 0
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"messages": []}, "'messages' must be a non-empty list"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0]: expected {role, content}"),
-    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
-    ({"messages": QUESTION + [{"role": "assistant", "content": "Sure"}]}, "the last message must be the user's"),
-    ({"messages": QUESTION, "temperature": -1}, "'temperature' must be at least 0"),
-    ({"messages": QUESTION, "max_tokens": "ten"}, "'max_tokens' must be an integer"),
-    ({"messages": QUESTION, "stream": True}, "streaming is not supported"),
-    ({"messages": [{"role": "user", "content": "word " * 600}]}, "exceeds the model's context"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0]: expected {role, content}"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
+        ({"messages": QUESTION + [{"role": "assistant", "content": "Sure"}]}, "the last message must be the user's"),
+        ({"messages": QUESTION, "temperature": -1}, "'temperature' must be at least 0"),
+        ({"messages": QUESTION, "max_tokens": "ten"}, "'max_tokens' must be an integer"),
+        ({"messages": QUESTION, "stream": True}, "streaming is not supported"),
+        ({"messages": [{"role": "user", "content": "word " * 600}]}, "exceeds the model's context"),
+    ],
+)
 def test_bad_requests_get_a_400_naming_the_field(served, body, message):
     status, answer = _call(served[1] + "/v1/chat/completions", body)
     assert status == 400 and message in answer["error"]["message"]
@@ -86,13 +89,19 @@ def test_bad_requests_get_a_400_naming_the_field(served, body, message):
 
 def test_concurrent_requests_are_generated_together_and_fail_alone(served):
     model, url, server = served
-    questions = ["What is a binary search?", "How do tides work?", "Suggest a name for a cat.", "Explain rain.",
-                 "word " * 600]  # the last is too long for the context: it fails, the batch does not
+    questions = [
+        "What is a binary search?",
+        "How do tides work?",
+        "Suggest a name for a cat.",
+        "Explain rain.",
+        "word " * 600,
+    ]  # the last is too long for the context: it fails, the batch does not
     answers: dict[int, tuple[int, dict]] = {}
 
     def ask(i: int) -> None:
-        answers[i] = _call(url + "/v1/chat/completions",
-                           {"messages": [{"role": "user", "content": questions[i]}], "max_tokens": 6})
+        answers[i] = _call(
+            url + "/v1/chat/completions", {"messages": [{"role": "user", "content": questions[i]}], "max_tokens": 6}
+        )
 
     before = server.batcher.batches
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
@@ -102,8 +111,11 @@ def test_concurrent_requests_are_generated_together_and_fail_alone(served):
         thread.join()
     assert server.batcher.batches - before < len(questions)  # some requests shared a batch
     assert answers[4][0] == 400 and "exceeds the model's context" in answers[4][1]["error"]["message"]
-    alone = generate(model, [Request([{"role": "user", "content": q}], sampling=Sampling(max_new_tokens=6))
-                             for q in questions[:4]], batch_size=1)
+    alone = generate(
+        model,
+        [Request([{"role": "user", "content": q}], sampling=Sampling(max_new_tokens=6)) for q in questions[:4]],
+        batch_size=1,
+    )
     for i, expected in enumerate(alone):  # each connection got the answer to its own question
         status, answer = answers[i]
         assert status == 200 and answer["ess"]["p_malicious"] == pytest.approx(expected.p_malicious, abs=1e-4)
@@ -111,8 +123,10 @@ def test_concurrent_requests_are_generated_together_and_fail_alone(served):
 
 def test_models_health_and_unknown_routes(served):
     url = served[1]
-    assert _call(url + "/v1/models") == (200, {"object": "list", "data": [{"id": "tiny", "object": "model",
-                                                                           "owned_by": "ess"}]})
+    assert _call(url + "/v1/models") == (
+        200,
+        {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "ess"}]},
+    )
     assert _call(url + "/health") == (200, {"status": "ok"})
     assert _call(url + "/v1/completions", {"prompt": "hi"})[0] == 404
     status, answer = _call(url + "/v1/chat/completions", raw=b"{not json")
@@ -121,7 +135,11 @@ def test_models_health_and_unknown_routes(served):
 
 def test_ess_serve_refuses_a_port_in_use_in_one_line(served, tiny_llama):
     port = served[1].rsplit(":", 1)[1]
-    result = subprocess.run([sys.executable, "-m", "ess.cli", "serve", "--model", tiny_llama, "--port", port],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "ess.cli", "serve", "--model", tiny_llama, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr

@@ -38,8 +38,9 @@ def test_interrupted_run_resumes_without_losing_a_step(tiny_llama, tmp_path):
     subprocess.run(ESS + _train_args(tiny_llama, straight, *args), check=True, capture_output=True)
 
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(ESS + _train_args(tiny_llama, resumed, *args), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        ESS + _train_args(tiny_llama, resumed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     log = resumed / "train_log.jsonl"
     deadline = time.time() + 300
     while not (log.exists() and ("align", 3) in _steps(resumed)):
@@ -64,9 +65,14 @@ def test_interrupted_run_resumes_without_losing_a_step(tiny_llama, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("option, value, field", (("--replay-every", "-1", "replay_every"),
-                                                   ("--windows-per-answer", "0", "windows_per_answer"),
-                                                   ("--batch-size", "0", "batch_size")))
+@pytest.mark.parametrize(
+    "option, value, field",
+    (
+        ("--replay-every", "-1", "replay_every"),
+        ("--windows-per-answer", "0", "windows_per_answer"),
+        ("--batch-size", "0", "batch_size"),
+    ),
+)
 def test_counts_below_their_least_are_refused(tiny_llama, tmp_path, option, value, field):
     args = _train_args(tiny_llama, tmp_path / "run", option, value)
     result = subprocess.run(ESS + args, capture_output=True, text=True)
@@ -86,9 +92,23 @@ def test_changed_flags_on_the_same_out_are_refused(tiny_llama, tmp_path):
 
 def test_two_processes_with_accelerate(tiny_llama, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "ess.cli", *_train_args(tiny_llama, out, "--max-steps", "3", "--batch-size", "2")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ess.cli",
+        *_train_args(tiny_llama, out, "--max-steps", "3", "--batch-size", "2"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,7 +130,10 @@ def test_two_processes_with_accelerate(tiny_llama, tmp_path):
         (["generate", "--model", "{tiny}", "--prompt", "hi", "--schedule", "sometimes"], "unknown schedule"),
         (["train", "--phase", "middle", "--out", "{tmp}/o"], "invalid choice"),
         (["train", "--base", "{tiny}", "--response-calibration", "{tmp}/none.jsonl", "--out", "{tmp}/o"], "none.jsonl"),
-        (["train", "--base", "{tiny}", "--max-late-stop-rate", "1.5", "--out", "{tmp}/o"], "max_late_stop_rate must be"),
+        (
+            ["train", "--base", "{tiny}", "--max-late-stop-rate", "1.5", "--out", "{tmp}/o"],
+            "max_late_stop_rate must be",
+        ),
         (["calibrate", "--model", "{tmp}/nope"], "not an ESS checkpoint"),
     ],
 )
@@ -137,7 +160,9 @@ def test_alignment_steps_interleave_replay_steps():
     # Two processes of batch 1 split each step's rows between them.
     assert all(schedule.rows(s, 0, 1)[1] + schedule.rows(s, 1, 1)[1] == steps[s][1] for s in range(schedule.total))
     assert _Schedule(10, 7, 2, TrainConfig(out="x", replay_every=0), 1.0, 0).total == 5
-    assert _Schedule(10, 0, 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5  # the pretraining phase: no replay
+    assert (
+        _Schedule(10, 0, 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5
+    )  # the pretraining phase: no replay
     capped = _Schedule(10, 7, 2, TrainConfig(out="x", max_steps=6, replay_every=2), 1.0, 0)
     assert (capped.total, capped.main_steps) == (6, 4)
 
@@ -186,5 +211,8 @@ def test_benign_targets_that_decline_are_resampled_or_left_out(tiny_llama, tmp_p
     # The first prompt's answer was sampled by the random tiny model, and cached under its seed.
     resampled = answers[prompts[0]]
     assert resampled != refused and not declines(resampled)
-    assert json.loads(_cache_file(tiny_llama, 48, 0).read_text().splitlines()[-1]) == {"prompt": prompts[0], "answer": resampled}
+    assert json.loads(_cache_file(tiny_llama, 48, 0).read_text().splitlines()[-1]) == {
+        "prompt": prompts[0],
+        "answer": resampled,
+    }
     assert helpful_answers(tiny_llama, prompts, attempts=0)[prompts[1]] == refused

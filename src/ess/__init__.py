@@ -1,8 +1,8 @@
 """ess: explicit safety signals for causal LMs (Li & Kim, ICML 2025).
 
-    from ess import ESSModel, generate, Request
-    model = ESSModel.from_pretrained("runs/ess/final")
-    answer = generate(model, [Request([{"role": "user", "content": "..."}])])[0]
+from ess import ESSModel, generate, Request
+model = ESSModel.from_pretrained("runs/ess/final")
+answer = generate(model, [Request([{"role": "user", "content": "..."}])])[0]
 """
 
 from .calibration import CalibrationConfig, calibrate_response_threshold
@@ -17,7 +17,24 @@ from .training import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationConfig", "DEFAULT_MODEL", "DataError", "ESSConfig", "ESSModel", "Example", "Generation", "Policy",
-    "Request", "Sampling", "TrainConfig", "TraceEntry", "Verdict", "calibrate_response_threshold", "classify",
-    "generate", "load_examples", "load_model", "load_prompts", "train",
+    "CalibrationConfig",
+    "DEFAULT_MODEL",
+    "DataError",
+    "ESSConfig",
+    "ESSModel",
+    "Example",
+    "Generation",
+    "Policy",
+    "Request",
+    "Sampling",
+    "TrainConfig",
+    "TraceEntry",
+    "Verdict",
+    "calibrate_response_threshold",
+    "classify",
+    "generate",
+    "load_examples",
+    "load_model",
+    "load_prompts",
+    "train",
 ]

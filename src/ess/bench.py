@@ -52,9 +52,11 @@ def _requests(batch: int, schedule: str, max_new_tokens: int) -> list[Request]:
     # Low reliance: every schedule does all its re-evaluations and nothing is inserted, so each
     # configuration generates the same tokens' worth of work.
     return [
-        Request([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                sampling=Sampling(max_new_tokens=max_new_tokens, ignore_eos=True),
-                policy=Policy(schedule=schedule, reliance="low"))
+        Request(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            sampling=Sampling(max_new_tokens=max_new_tokens, ignore_eos=True),
+            policy=Policy(schedule=schedule, reliance="low"),
+        )
         for i in range(batch)
     ]
 
@@ -63,12 +65,19 @@ def _requests(batch: int, schedule: str, max_new_tokens: int) -> list[Request]:
 def _hf_generate_seconds(model: ESSModel, batch: int, max_new_tokens: int) -> float:
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
-                                           add_generation_prompt=True) for i in range(batch)]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(batch)
+    ]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _time(lambda: model.base_lm.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                                do_sample=False, pad_token_id=pad))
+    return _time(
+        lambda: model.base_lm.generate(
+            **enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        )
+    )
 
 
 def run_bench(model: ESSModel, config: BenchConfig, log=print) -> dict:
@@ -80,17 +89,32 @@ def run_bench(model: ESSModel, config: BenchConfig, log=print) -> dict:
         seconds = {}
         for schedule in config.schedules:
             requests = _requests(batch, schedule, config.max_new_tokens)
-            seconds[schedule] = min(_time(lambda: generate(model, requests, batch_size=batch)) for _ in range(config.repeats))
+            seconds[schedule] = min(
+                _time(lambda r=requests, b=batch: generate(model, r, batch_size=b)) for _ in range(config.repeats)
+            )
         hf_seconds = min(_hf_generate_seconds(model, batch, config.max_new_tokens) for _ in range(config.repeats))
         hf[str(batch)] = tokens / hf_seconds
         for schedule in config.schedules:
-            row = {"schedule": schedule, "batch": batch, "tokens_per_s": tokens / seconds[schedule],
-                   "overhead": seconds[schedule] / seconds["none"] - 1 if "none" in seconds else None}
+            row = {
+                "schedule": schedule,
+                "batch": batch,
+                "tokens_per_s": tokens / seconds[schedule],
+                "overhead": seconds[schedule] / seconds["none"] - 1 if "none" in seconds else None,
+            }
             rows.append(row)
             log(f"batch {batch:3d}  {schedule:12s} {row['tokens_per_s']:9.1f} tok/s  overhead {row['overhead']:+.3f}")
-        log(f"batch {batch:3d}  {'hf generate':12s} {hf[str(batch)]:9.1f} tok/s  "
-            f"(none runs at {seconds['none'] and hf_seconds / seconds['none']:.2f}x of it)")
-    return {"rows": rows, "hf_generate_tokens_per_s": hf,
-            "settings": {"max_new_tokens": config.max_new_tokens, "repeats": config.repeats,
-                         "device": str(model.device), "dtype": str(model.cls_embedding.dtype),
-                         "threads": torch.get_num_threads()}}
+        log(
+            f"batch {batch:3d}  {'hf generate':12s} {hf[str(batch)]:9.1f} tok/s  "
+            f"(none runs at {seconds['none'] and hf_seconds / seconds['none']:.2f}x of it)"
+        )
+    return {
+        "rows": rows,
+        "hf_generate_tokens_per_s": hf,
+        "settings": {
+            "max_new_tokens": config.max_new_tokens,
+            "repeats": config.repeats,
+            "device": str(model.device),
+            "dtype": str(model.cls_embedding.dtype),
+            "threads": torch.get_num_threads(),
+        },
+    }

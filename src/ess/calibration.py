@@ -86,8 +86,10 @@ def calibrate_response_threshold(model, config: CalibrationConfig, policy: Polic
     from .data.loaders import load_examples
 
     policy = policy or Policy()
-    requests = [Request(e.query, sampling=Sampling(max_new_tokens=config.max_new_tokens))
-                for e in load_examples(config.prompts, label="benign")]
+    requests = [
+        Request(e.query, sampling=Sampling(max_new_tokens=config.max_new_tokens))
+        for e in load_examples(config.prompts, label="benign")
+    ]
     threshold, stopped_at_floor = config.floor, None
     for round_ in range(MAX_ROUNDS):
         reading = dataclasses.replace(policy, reliance="low", response_threshold=threshold)
@@ -99,20 +101,30 @@ def calibrate_response_threshold(model, config: CalibrationConfig, policy: Polic
             break
         threshold = proposed
     model.config.response_threshold = threshold
-    return CalibrationResult(response_threshold=threshold, answers=len(scores), stopped_at_floor=stopped_at_floor,
-                             stopped=stopped, allowed=int(config.max_late_stop_rate * len(scores)),
-                             query_flagged=len(requests) - len(scores))
+    return CalibrationResult(
+        response_threshold=threshold,
+        answers=len(scores),
+        stopped_at_floor=stopped_at_floor,
+        stopped=stopped,
+        allowed=int(config.max_late_stop_rate * len(scores)),
+        query_flagged=len(requests) - len(scores),
+    )
 
 
 def _late_stop_scores(model, requests: list[Request], reading: Policy, batch_size: int) -> list[float]:
     """`late_stop_score` of each answer whose query verdict is benign, generated under `reading`."""
     requests = [dataclasses.replace(r, policy=reading) for r in requests]
     generations = generate(model, requests, batch_size=batch_size, progress=True)
-    return [late_stop_score([t.p_malicious for t in g.trace if t.rule in (2, 3)], reading.tau)
-            for g in generations if g.p_malicious < model.config.threshold]
+    return [
+        late_stop_score([t.p_malicious for t in g.trace if t.rule in (2, 3)], reading.tau)
+        for g in generations
+        if g.p_malicious < model.config.threshold
+    ]
 
 
 def describe(result: CalibrationResult, config: CalibrationConfig) -> str:
-    return (f"response threshold {result.response_threshold:.3f} from {result.answers} answers to {config.prompts}: "
-            f"{result.stopped} stopped late, {result.allowed} allowed ({result.stopped_at_floor} at {config.floor:g}); "
-            f"{result.query_flagged} prompts flagged on the query")
+    return (
+        f"response threshold {result.response_threshold:.3f} from {result.answers} answers to {config.prompts}: "
+        f"{result.stopped} stopped late, {result.allowed} allowed ({result.stopped_at_floor} at {config.floor:g}); "
+        f"{result.query_flagged} prompts flagged on the query"
+    )

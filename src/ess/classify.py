@@ -34,7 +34,5 @@ def classify(model: ESSModel, queries: list[str | Messages], batch_size: int = 1
         items = [encoder.encode_query(as_messages(q)) for q in chunk]
         batch = encoder.collate(items).to(model.device)
         probabilities = model(batch.input_ids, batch.roles, Phase.ALIGN).p_malicious.tolist()
-        verdicts += [
-            Verdict(p, "malicious" if p >= model.config.threshold else "benign") for p in probabilities
-        ]
+        verdicts += [Verdict(p, "malicious" if p >= model.config.threshold else "benign") for p in probabilities]
     return verdicts

@@ -63,7 +63,7 @@ class ESSConfig:
         write_json(path, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "ESSConfig":
+    def load(cls, path: Path) -> ESSConfig:
         data: dict[str, Any] = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known

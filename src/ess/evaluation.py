@@ -30,9 +30,10 @@ import json
 import os
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .attacks import DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, get_attack
 from .data.loaders import load_examples
@@ -49,10 +50,35 @@ BENIGN_TASK = "benign"
 MAIN_TASK = "main"
 
 RECORD_FIELDS = (
-    "model", "task", "attack", "config", "index", "prompt", "label", "messages", "prefill", "prefill_tokens",
-    "sampling", "policy", "attack_meta", "response", "response_tokens", "judged_from", "unsafe", "judge",
-    "judge_detail", "refusal_start", "refused", "intervened", "intervention_step", "tokens_before_intervention",
-    "p_malicious", "threshold", "response_threshold", "finish_reason", "trace",
+    "model",
+    "task",
+    "attack",
+    "config",
+    "index",
+    "prompt",
+    "label",
+    "messages",
+    "prefill",
+    "prefill_tokens",
+    "sampling",
+    "policy",
+    "attack_meta",
+    "response",
+    "response_tokens",
+    "judged_from",
+    "unsafe",
+    "judge",
+    "judge_detail",
+    "refusal_start",
+    "refused",
+    "intervened",
+    "intervention_step",
+    "tokens_before_intervention",
+    "p_malicious",
+    "threshold",
+    "response_threshold",
+    "finish_reason",
+    "trace",
 )
 """Fields of a record, in order. `prefill_tokens` counts the forced prefill's tokens; `judged_from`
 is the character offset where the judged text starts (the length of the prefill); `refusal_start`
@@ -213,8 +239,9 @@ class CostlyInputs(JsonlLog):
         super().__init__(path)
         self.built = {(r["model"], r["task"], r["attack"], r["index"]): r["inputs"] for r in self.rows}
 
-    def build(self, model: str, task: str, attack: Attack, index: int, example: Example,
-              ctx: AttackContext) -> list[AttackedInput]:
+    def build(
+        self, model: str, task: str, attack: Attack, index: int, example: Example, ctx: AttackContext
+    ) -> list[AttackedInput]:
         if not attack.costly:
             return attack.build(example, ctx)
         key = (model, task, attack.spec, index)
@@ -271,8 +298,15 @@ def _judged_prompt(example: Example) -> str:
     return example.meta.get("plain_attack") or example.prompt
 
 
-def _record(item: _Item, request: Request, generation, tokenizer, verdict, judge: Judge | None,
-            thresholds: tuple[float | None, float | None]) -> dict:
+def _record(
+    item: _Item,
+    request: Request,
+    generation,
+    tokenizer,
+    verdict,
+    judge: Judge | None,
+    thresholds: tuple[float | None, float | None],
+) -> dict:
     offset = _continuation(generation.text, request.prefill)
     if verdict is not None:
         start = verdict.refusal_start
@@ -288,7 +322,9 @@ def _record(item: _Item, request: Request, generation, tokenizer, verdict, judge
         "label": item.example.label,
         "messages": request.messages,
         "prefill": request.prefill,
-        "prefill_tokens": len(tokenizer(request.prefill, add_special_tokens=False)["input_ids"]) if request.prefill else 0,
+        "prefill_tokens": len(tokenizer(request.prefill, add_special_tokens=False)["input_ids"])
+        if request.prefill
+        else 0,
         "sampling": dataclasses.asdict(request.sampling),
         "policy": dataclasses.asdict(request.policy),
         "attack_meta": item.input.meta,
@@ -313,11 +349,15 @@ def _record(item: _Item, request: Request, generation, tokenizer, verdict, judge
 
 def _judge_records(records: list[dict], prompts: list[str], judge: Judge) -> None:
     """(Re-)judge stored harmful records in place from their stored response."""
-    pairs = [(p, r["response"][r["judged_from"]:]) for p, r in zip(prompts, records)]
+    pairs = [(p, r["response"][r["judged_from"] :]) for p, r in zip(prompts, records)]
     for record, verdict in zip(records, judge.judge_batch(pairs)):
         start = verdict.refusal_start
-        record.update(unsafe=verdict.unsafe, judge=judge.name, judge_detail=verdict.detail,
-                      refusal_start=None if start is None else start + record["judged_from"])
+        record.update(
+            unsafe=verdict.unsafe,
+            judge=judge.name,
+            judge_detail=verdict.detail,
+            refusal_start=None if start is None else start + record["judged_from"],
+        )
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -380,8 +420,10 @@ def _check_settings(path: Path, config: EvalConfig, refs: dict[str, str], polici
     previous = read_json(path)
     if previous is not None and previous != settings:
         changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        raise EvalError(f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
-                        "use a new --out folder, or the same settings to resume")
+        raise EvalError(
+            f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
+            "use a new --out folder, or the same settings to resume"
+        )
     write_json(path, settings)
 
 
@@ -429,8 +471,7 @@ def run_eval(config: EvalConfig) -> dict:
         prompts[BENIGN_TASK] = benign
     refs = {"model": config.model} | ({"baseline": config.baseline} if config.baseline else {})
     ess = is_ess_checkpoint(config.model)
-    policies = {"model": model_policy if ess else Policy(schedule="none"),
-                "baseline": Policy(schedule="none")}
+    policies = {"model": model_policy if ess else Policy(schedule="none"), "baseline": Policy(schedule="none")}
     if not ess:
         print(f"ess eval: {config.model} is not an ESS checkpoint: evaluated as a plain model", file=sys.stderr)
     _check_settings(out / "run.json", config, refs, policies)
@@ -446,17 +487,28 @@ def run_eval(config: EvalConfig) -> dict:
 
     probe_examples = prompts[tasks[0].name][: config.probe_limit]
     first_verdicts = None
-    reference = _reference_answers(out / "reference_answers.jsonl", tasks, attacks, prompts, models,
-                                   reference_key, config)
+    reference = _reference_answers(
+        out / "reference_answers.jsonl", tasks, attacks, prompts, models, reference_key, config
+    )
     try:
         for key in order:
             tokenizer = _tokenizer_of(models, key, refs)
-            ctx = AttackContext(tokenizer=tokenizer, reference=reference.get, data_root=Path(config.data_root),
-                                model=lambda key=key: models.get(key), plain=policies[key].schedule == "none")
+            ctx = AttackContext(
+                tokenizer=tokenizer,
+                reference=reference.get,
+                data_root=Path(config.data_root),
+                model=lambda key=key: models.get(key),
+                plain=policies[key].schedule == "none",
+            )
             items = _items(key, tasks, attacks, prompts, ctx, costly)
             pending = [item for item in items if item.key not in store.keys]
-            bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=f"eval {key}", unit="answer",
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=len(items),
+                initial=len(items) - len(pending),
+                desc=f"eval {key}",
+                unit="answer",
+                dynamic_ncols=True,
+            )
             for chunk in _batches(pending, config.batch_size * 4):
                 store.add(_answer(chunk, models.get(key), policies[key], judge, config))
                 bar.update(len(chunk))
@@ -481,8 +533,14 @@ def run_eval(config: EvalConfig) -> dict:
     return summary
 
 
-def _items(key: str, tasks: list[Task], attacks: dict, prompts: dict[str, list[Example]],
-           ctx: AttackContext, costly: CostlyInputs) -> list[_Item]:
+def _items(
+    key: str,
+    tasks: list[Task],
+    attacks: dict,
+    prompts: dict[str, list[Example]],
+    ctx: AttackContext,
+    costly: CostlyInputs,
+) -> list[_Item]:
     """Every request of one model: prompts x attacks x configurations, then the benign prompts as they are."""
     items = [
         _Item(key, task.name, attack.spec, index, example, attacked)
@@ -491,8 +549,10 @@ def _items(key: str, tasks: list[Task], attacks: dict, prompts: dict[str, list[E
         for index, example in enumerate(prompts[task.name])
         for attacked in costly.build(key, task.name, attack, index, example, ctx)
     ]
-    items += [_Item(key, BENIGN_TASK, "direct", index, example, AttackedInput(messages=[dict(m) for m in example.query]))
-              for index, example in enumerate(prompts.get(BENIGN_TASK, []))]
+    items += [
+        _Item(key, BENIGN_TASK, "direct", index, example, AttackedInput(messages=[dict(m) for m in example.query]))
+        for index, example in enumerate(prompts.get(BENIGN_TASK, []))
+    ]
     return items
 
 
@@ -512,33 +572,51 @@ def _answer(chunk: list[_Item], model, policy: Policy, judge: Judge, config: Eva
     """Generate and judge one chunk of items; their records."""
     from .generation import generate
 
-    requests = [Request(messages=i.input.messages, prefill=i.input.prefill, sampling=_sampling(i, config),
-                        policy=policy) for i in chunk]
+    requests = [
+        Request(messages=i.input.messages, prefill=i.input.prefill, sampling=_sampling(i, config), policy=policy)
+        for i in chunk
+    ]
     generations = generate(model, requests, batch_size=config.batch_size)
     harmful = [n for n, item in enumerate(chunk) if item.task != BENIGN_TASK]
-    pairs = [(_judged_prompt(chunk[n].example),
-              generations[n].text[_continuation(generations[n].text, requests[n].prefill):]) for n in harmful]
+    pairs = [
+        (
+            _judged_prompt(chunk[n].example),
+            generations[n].text[_continuation(generations[n].text, requests[n].prefill) :],
+        )
+        for n in harmful
+    ]
     verdicts = dict(zip(harmful, judge.judge_batch(pairs)))
     plain = policy.schedule == "none"
-    thresholds = (None, None) if plain else (model.config.threshold,
-                                             response_threshold_of(policy, model.config.response_threshold))
-    return [_record(item, request, generation, model.tokenizer, verdicts.get(n), judge, thresholds)
-            for n, (item, request, generation) in enumerate(zip(chunk, requests, generations))]
+    thresholds = (
+        (None, None)
+        if plain
+        else (model.config.threshold, response_threshold_of(policy, model.config.response_threshold))
+    )
+    return [
+        _record(item, request, generation, model.tokenizer, verdicts.get(n), judge, thresholds)
+        for n, (item, request, generation) in enumerate(zip(chunk, requests, generations))
+    ]
 
 
 def _rejudge(store: RecordStore, prompts: dict[str, list[Example]], judge: Judge) -> None:
     """Records judged by another judge are judged again by this one (answers are not regenerated)."""
-    stale = [r for r in store.rows
-             if r["task"] != BENIGN_TASK and r["judge"] != judge.name and r["task"] in prompts
-             and r["index"] < len(prompts[r["task"]])]
+    stale = [
+        r
+        for r in store.rows
+        if r["task"] != BENIGN_TASK
+        and r["judge"] != judge.name
+        and r["task"] in prompts
+        and r["index"] < len(prompts[r["task"]])
+    ]
     if stale:
         print(f"ess eval: judging {len(stale)} stored answers again with {judge.name}", file=sys.stderr)
         _judge_records(stale, [_judged_prompt(prompts[r["task"]][r["index"]]) for r in stale], judge)
         store.rewrite()
 
 
-def _reference_answers(path: Path, tasks: list[Task], attacks, prompts, models: _Models, key: str,
-                       config: EvalConfig) -> dict[str, str]:
+def _reference_answers(
+    path: Path, tasks: list[Task], attacks, prompts, models: _Models, key: str, config: EvalConfig
+) -> dict[str, str]:
     """Greedy plain answers of the reference model to the prompts an attack needs them for (cached)."""
     from .generation import generate
 
@@ -552,16 +630,19 @@ def _reference_answers(path: Path, tasks: list[Task], attacks, prompts, models: 
         model = models.get(key)
         print(f"ess eval: {len(missing)} reference answers from {key} (greedy, plain)", file=sys.stderr)
         greedy = Sampling(max_new_tokens=config.max_new_tokens)
-        requests = [Request(messages=[{"role": "user", "content": p}], sampling=greedy, policy=Policy(schedule="none"))
-                    for p in missing]
+        requests = [
+            Request(messages=[{"role": "user", "content": p}], sampling=greedy, policy=Policy(schedule="none"))
+            for p in missing
+        ]
         answers = [g.text for g in generate(model, requests, batch_size=config.batch_size, progress=True)]
         log.add([{"prompt": prompt, "answer": answer} for prompt, answer in zip(missing, answers)])
         cached.update(zip(missing, answers))
     return cached
 
 
-def _first_verdicts(path: Path, prompts: dict[str, list[Example]], models: _Models, ess: bool,
-                    config: EvalConfig) -> dict | None:
+def _first_verdicts(
+    path: Path, prompts: dict[str, list[Example]], models: _Models, ess: bool, config: EvalConfig
+) -> dict | None:
     """p(malicious) of the [CLS] first verdict on each harmful and benign prompt, as sent plain (cached)."""
     if not ess:
         return None
@@ -574,8 +655,12 @@ def _first_verdicts(path: Path, prompts: dict[str, list[Example]], models: _Mode
 
     model = models.get("model")
     scores = [v.p_malicious for v in classify(model, harmful + benign, batch_size=config.batch_size)]
-    result = {"harmful_prompts": harmful, "benign_prompts": benign,
-              "harmful": scores[: len(harmful)], "benign": scores[len(harmful):]}
+    result = {
+        "harmful_prompts": harmful,
+        "benign_prompts": benign,
+        "harmful": scores[: len(harmful)],
+        "benign": scores[len(harmful) :],
+    }
     write_json(path, result)
     return result
 
@@ -589,8 +674,15 @@ def _probe_cache(path: Path, examples: list[Example], config: EvalConfig) -> dic
     return cached
 
 
-def _probe(path: Path, examples: list[Example], key: str, models: _Models, policy: Policy,
-           reference: dict[str, str], config: EvalConfig) -> None:
+def _probe(
+    path: Path,
+    examples: list[Example],
+    key: str,
+    models: _Models,
+    policy: Policy,
+    reference: dict[str, str],
+    config: EvalConfig,
+) -> None:
     """The uncertainty probe of one model on the first `probe_limit` harmful prompts (cached per model)."""
     cached = _probe_cache(path, examples, config)
     if not examples or key in cached["models"]:
@@ -602,8 +694,16 @@ def _probe(path: Path, examples: list[Example], key: str, models: _Models, polic
     write_json(path, cached)
 
 
-def summarize(records: list[dict], tasks: list[Task], attacks: dict, prompts: dict[str, list[Example]],
-              judge_name: str, model_keys: list[str], first_verdicts: dict | None, probe: dict | None) -> dict:
+def summarize(
+    records: list[dict],
+    tasks: list[Task],
+    attacks: dict,
+    prompts: dict[str, list[Example]],
+    judge_name: str,
+    model_keys: list[str],
+    first_verdicts: dict | None,
+    probe: dict | None,
+) -> dict:
     """The summary.json of the records that belong to this run's prompts and attacks."""
     models = {}
     for key in model_keys:
@@ -611,11 +711,14 @@ def summarize(records: list[dict], tasks: list[Task], attacks: dict, prompts: di
         entry: dict[str, Any] = {"attacks": {}}
         for task in tasks:
             for attack in attacks[task.name]:
-                outcomes = [(r["index"], r["unsafe"]) for r in mine
-                            if r["task"] == task.name and r["attack"] == attack.spec]
+                outcomes = [
+                    (r["index"], r["unsafe"]) for r in mine if r["task"] == task.name and r["attack"] == attack.spec
+                ]
                 broken = broken_prompts(outcomes)
                 entry["attacks"][task.summary_key(attack.spec)] = {
-                    "asr": attack_success_rate(broken.values()) or 0.0, "n": len(broken), "judge": judge_name,
+                    "asr": attack_success_rate(broken.values()) or 0.0,
+                    "n": len(broken),
+                    "judge": judge_name,
                 }
         refused = [r["refused"] for r in mine if r["task"] == BENIGN_TASK]
         entry["over_refusal"] = sum(refused) / len(refused) if refused else None
@@ -634,7 +737,14 @@ def summarize(records: list[dict], tasks: list[Task], attacks: dict, prompts: di
 # --- the paper's suite ---------------------------------------------------------------------------
 
 PAPER_ADVBENCH_ATTACKS = [
-    "direct", "prefill:5", "prefill:10", "prefill:20", "prefill:40", "deepinception", "pap", "decoding",
+    "direct",
+    "prefill:5",
+    "prefill:10",
+    "prefill:20",
+    "prefill:40",
+    "deepinception",
+    "pap",
+    "decoding",
 ]
 ADVBENCH = Path("advbench") / "harmful_behaviors.csv"
 AUTODAN = Path("autodan") / "harmful_behaviors_autodan.csv"
@@ -665,7 +775,9 @@ def paper_suite(data_root: str | Path) -> tuple[str | None, list[str], list[Task
     else:
         notes.append(f"skipped autodan: {root / AUTODAN} not found")
     if (root / MALICIOUS_INSTRUCT).exists():
-        extra.append(Task("malicious_instruct", str(root / MALICIOUS_INSTRUCT), ["decoding"], label="MaliciousInstruct"))
+        extra.append(
+            Task("malicious_instruct", str(root / MALICIOUS_INSTRUCT), ["decoding"], label="MaliciousInstruct")
+        )
     else:
         notes.append(f"skipped decoding@MaliciousInstruct: {root / MALICIOUS_INSTRUCT} not found")
     xstest = root / XSTEST
@@ -680,17 +792,28 @@ def paper_suite(data_root: str | Path) -> tuple[str | None, list[str], list[Task
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `ess eval`."""
-    parser.add_argument("--model", required=True, help="ESS checkpoint or run folder (a base LM name/folder runs plain)")
-    parser.add_argument("--baseline", help="model to compare with, run plain (no ESS): a base LM name/folder or checkpoint")
-    parser.add_argument("--prompts", help="harmful prompts: a file (.csv/.jsonl/.json/.txt) or a dataset "
-                        "(seed:heldout_harmful)")
-    parser.add_argument("--benign-prompts", help="benign prompts for over-refusal and the [CLS] AUROC (e.g. XSTest csv)")
-    parser.add_argument("--attacks", help="comma-separated attack specs (default direct): direct, prefill:K, "
-                        "decoding[:quick], deepinception, autodan, pap[:all|PATH], dan:PATH, past-tense, "
-                        "gcg[:steps=N:width=N:len=N] (GCG settings separated by ':')")
+    parser.add_argument(
+        "--model", required=True, help="ESS checkpoint or run folder (a base LM name/folder runs plain)"
+    )
+    parser.add_argument(
+        "--baseline", help="model to compare with, run plain (no ESS): a base LM name/folder or checkpoint"
+    )
+    parser.add_argument(
+        "--prompts", help="harmful prompts: a file (.csv/.jsonl/.json/.txt) or a dataset (seed:heldout_harmful)"
+    )
+    parser.add_argument(
+        "--benign-prompts", help="benign prompts for over-refusal and the [CLS] AUROC (e.g. XSTest csv)"
+    )
+    parser.add_argument(
+        "--attacks",
+        help="comma-separated attack specs (default direct): direct, prefill:K, "
+        "decoding[:quick], deepinception, autodan, pap[:all|PATH], dan:PATH, past-tense, "
+        "gcg[:steps=N:width=N:len=N] (GCG settings separated by ':')",
+    )
     parser.add_argument("--judge", default="keyword", help="keyword (default), guard:PATH|ID or endpoint[:MODEL]")
-    parser.add_argument("--judge-base-url", help="endpoint judge: API root, e.g. http://localhost:8000/v1 "
-                        "(env ESS_JUDGE_BASE_URL)")
+    parser.add_argument(
+        "--judge-base-url", help="endpoint judge: API root, e.g. http://localhost:8000/v1 (env ESS_JUDGE_BASE_URL)"
+    )
     parser.add_argument("--judge-model", help="endpoint judge: model name (env ESS_JUDGE_MODEL)")
     parser.add_argument("--judge-api-key", help="endpoint judge: API key (env ESS_JUDGE_API_KEY)")
     parser.add_argument("--limit", type=int, help="use only the first N prompts of each prompt set")
@@ -699,14 +822,27 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="requests generated together (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer (default 64)")
     add_policy_flags(parser, ablation=True)
-    parser.add_argument("--no-strategic-attention", action="store_true", help="ablation: re-evaluations read everything")
-    parser.add_argument("--no-strategic-decoding", action="store_true", help="ablation: reliance low (no inserted refusal)")
-    parser.add_argument("--suite", choices=("paper",), help="paper: AdvBench direct/prefill:5,10,20,40/autodan/"
-                        "deepinception/pap/decoding, MaliciousInstruct decoding, XSTest over-refusal")
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT),
-                        help=f"shared datasets folder (default {DEFAULT_DATA_ROOT})")
-    parser.add_argument("--probe-limit", type=int, default=50,
-                        help="harmful prompts for the entropy/sharpness probe (default 50; 0: none)")
+    parser.add_argument(
+        "--no-strategic-attention", action="store_true", help="ablation: re-evaluations read everything"
+    )
+    parser.add_argument(
+        "--no-strategic-decoding", action="store_true", help="ablation: reliance low (no inserted refusal)"
+    )
+    parser.add_argument(
+        "--suite",
+        choices=("paper",),
+        help="paper: AdvBench direct/prefill:5,10,20,40/autodan/"
+        "deepinception/pap/decoding, MaliciousInstruct decoding, XSTest over-refusal",
+    )
+    parser.add_argument(
+        "--data-root", default=str(DEFAULT_DATA_ROOT), help=f"shared datasets folder (default {DEFAULT_DATA_ROOT})"
+    )
+    parser.add_argument(
+        "--probe-limit",
+        type=int,
+        default=50,
+        help="harmful prompts for the entropy/sharpness probe (default 50; 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="base of the per-record sampling seeds")
 
 
@@ -715,15 +851,29 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if args.no_strategic_decoding and args.reliance not in (None, "low"):
         raise EvalError("--no-strategic-decoding means --reliance low; do not give another --reliance")
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
-    judge_options = {k: v for k, v in (("base_url", args.judge_base_url), ("model", args.judge_model),
-                                       ("api_key", args.judge_api_key)) if v}
+    judge_options = {
+        k: v
+        for k, v in (("base_url", args.judge_base_url), ("model", args.judge_model), ("api_key", args.judge_api_key))
+        if v
+    }
     config = EvalConfig(
-        model=args.model, out=args.out, prompts=args.prompts, attacks=attacks or ["direct"], baseline=args.baseline,
-        benign_prompts=args.benign_prompts, judge=args.judge, judge_options=judge_options, limit=args.limit,
-        benign_limit=args.benign_limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        model=args.model,
+        out=args.out,
+        prompts=args.prompts,
+        attacks=attacks or ["direct"],
+        baseline=args.baseline,
+        benign_prompts=args.benign_prompts,
+        judge=args.judge,
+        judge_options=judge_options,
+        limit=args.limit,
+        benign_limit=args.benign_limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
         **{**policy_overrides(args), **({"reliance": "low"} if args.no_strategic_decoding else {})},
-        strategic_attention=not args.no_strategic_attention, data_root=args.data_root,
-        probe_limit=args.probe_limit, seed=args.seed,
+        strategic_attention=not args.no_strategic_attention,
+        data_root=args.data_root,
+        probe_limit=args.probe_limit,
+        seed=args.seed,
     )
     if args.suite == "paper":
         if args.prompts or attacks:
@@ -749,6 +899,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{key:8s}  {'over-refusal':28s}  {100 * entry['over_refusal']:6.2f} %")
         if entry["auroc"] is not None:
             print(f"{key:8s}  {'[CLS] AUROC':28s}  {entry['auroc']:.4f}")
-    print(f"results: {Path(config.out) / 'summary.json'}, {Path(config.out) / 'records.jsonl'}, "
-          f"{Path(config.out) / 'report.md'}")
+    print(
+        f"results: {Path(config.out) / 'summary.json'}, {Path(config.out) / 'records.jsonl'}, "
+        f"{Path(config.out) / 'report.md'}"
+    )
     return 0

@@ -86,7 +86,7 @@ class ESSModel(nn.Module):
     # ---- construction and persistence -------------------------------------------------------
 
     @classmethod
-    def from_base(cls, base: str, adapter: str = "lora", dtype: torch.dtype | None = None, **config_fields) -> "ESSModel":
+    def from_base(cls, base: str, adapter: str = "lora", dtype: torch.dtype | None = None, **config_fields) -> ESSModel:
         """A fresh ESS model over a base LM (`adapter`: `lora` or `full`)."""
         lm, tokenizer = load_causal_lm(base, dtype)
         config = ESSConfig(base_model=base, adapter=adapter, **config_fields)
@@ -99,7 +99,7 @@ class ESSModel(nn.Module):
         return cls(lm, tokenizer, config).to(lm.device)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None, trainable: bool = False) -> "ESSModel":
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None, trainable: bool = False) -> ESSModel:
         """Load a checkpoint written by `save_pretrained`."""
         from transformers import AutoTokenizer
 
@@ -155,7 +155,9 @@ class ESSModel(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base_lm.get_output_embeddings()(hidden)
 
-    def embed(self, input_ids: torch.Tensor, roles: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, roles: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings with the [CLS] row wherever the role is CLS (`inputs_embeds`, if given,
         replaces the lookup of `input_ids`: the gradient path of GCG)."""
         if inputs_embeds is None:

@@ -44,8 +44,9 @@ def probe_inputs(examples: Sequence[Example], ctx: AttackContext) -> dict[str, l
     return {name: [get_attack(PROBE_ATTACKS[name]).build(e, ctx)[0] for e in examples] for name in PROBE_INPUTS}
 
 
-def probe_model(model, inputs: dict[str, list[AttackedInput]], policy: Policy, k: int = 10,
-                batch_size: int = 8) -> dict[str, list[float]]:
+def probe_model(
+    model, inputs: dict[str, list[AttackedInput]], policy: Policy, k: int = 10, batch_size: int = 8
+) -> dict[str, list[float]]:
     """Mean entropy and sharpness per probe input for one model: {"entropy": [3], "sharpness": [3]}."""
     from .generation import next_token_logprobs
 
@@ -62,8 +63,14 @@ def probe_model(model, inputs: dict[str, list[AttackedInput]], policy: Policy, k
     return result
 
 
-def probe(model, baseline, examples: Sequence[Example], k: int = 10, ctx: AttackContext | None = None,
-          policy: Policy | None = None) -> dict:
+def probe(
+    model,
+    baseline,
+    examples: Sequence[Example],
+    k: int = 10,
+    ctx: AttackContext | None = None,
+    policy: Policy | None = None,
+) -> dict:
     """The probe of `model` (ESS policy `policy`, default Policy()) and, if given, `baseline` (plain).
 
     Returns the `"probe"` entry of summary.json:

@@ -77,9 +77,18 @@ def run_quickstart(config: QuickstartConfig) -> dict:
 
     started = _stage(3, "attack the undefended model and the ESS model on held-out prompts")
     eval_config = EvalConfig(
-        model=str(final), baseline=DEFAULT_MODEL, out=str(out), prompts=config.harmful,
-        benign_prompts=config.benign, attacks=list(config.attacks), judge="keyword", limit=config.limit,
-        benign_limit=config.benign_limit, max_new_tokens=config.max_new_tokens, batch_size=16, report=False,
+        model=str(final),
+        baseline=DEFAULT_MODEL,
+        out=str(out),
+        prompts=config.harmful,
+        benign_prompts=config.benign,
+        attacks=list(config.attacks),
+        judge="keyword",
+        limit=config.limit,
+        benign_limit=config.benign_limit,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=16,
+        report=False,
     )
     summary = run_eval(eval_config)
     _done(started)
@@ -104,26 +113,38 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     print("\nWhat to try next:")
     print(f"  .venv/bin/ess chat --model {final}")
     print(f"  .venv/bin/ess generate --model {final} --prompt 'How do I pick a lock?' --prefill 'Sure, here' --json")
-    print("  on a GPU, the paper's table: ess eval --model RUN --baseline BASE --suite paper --out paper/  (see README)")
+    print(
+        "  on a GPU, the paper's table: ess eval --model RUN --baseline BASE --suite paper --out paper/  (see README)"
+    )
     return summary
 
 
 def _story(config: QuickstartConfig, summary: dict, bench: dict) -> str:
     """The quickstart's own opening of report.md: what was done, the comparison, the cost."""
     lines = [
-        "# ESS quickstart: SmolLM2-135M-Instruct, undefended vs ESS", "",
+        "# ESS quickstart: SmolLM2-135M-Instruct, undefended vs ESS",
+        "",
         f"The undefended model answers plainly harmful requests. Its ESS version was trained with the default "
         f"recipe on the bundled seed data, then both were attacked on {config.limit} held-out harmful prompts "
         f"(`{config.harmful}`, never used in training) with {', '.join(f'`{a}`' for a in config.attacks)}, and "
         f"asked {config.benign_limit} held-out benign prompts that sound alarming (`{config.benign}`) "
         "for over-refusal.",
-        "", comparison_table(summary), "",
+        "",
+        comparison_table(summary),
+        "",
         "Overhead of each re-classification schedule (batch 1, 64 tokens, same model without [CLS] = `none`; "
-        "measured in one run):", "",
-        "| schedule | tokens/s | overhead |", "|---|---|---|",
+        "measured in one run):",
+        "",
+        "| schedule | tokens/s | overhead |",
+        "|---|---|---|",
     ]
     lines += [f"| {r['schedule']} | {r['tokens_per_s']:.1f} | {r['overhead']:+.3f} |" for r in bench["rows"]]
-    lines += [f"| transformers `generate` (base model) | {bench['hf_generate_tokens_per_s']['1']:.1f} | |", "", "---", ""]
+    lines += [
+        f"| transformers `generate` (base model) | {bench['hf_generate_tokens_per_s']['1']:.1f} | |",
+        "",
+        "---",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -131,8 +152,7 @@ def comparison_table(summary: dict) -> str:
     """ASR per attack, over-refusal and AUROC: undefended vs ESS, as a Markdown table."""
     models = summary["models"]
     attacks = list(models["model"]["attacks"])
-    lines = ["| | " + " | ".join(attacks) + " | over-refusal | [CLS] AUROC |",
-             "|---|" + "---|" * (len(attacks) + 2)]
+    lines = ["| | " + " | ".join(attacks) + " | over-refusal | [CLS] AUROC |", "|---|" + "---|" * (len(attacks) + 2)]
     for key, name in (("baseline", "undefended SmolLM2-135M-Instruct"), ("model", "ESS version")):
         if key not in models:
             continue

@@ -108,13 +108,18 @@ def chat_completion(generation, request: Request, prompt_tokens: int, name: str)
         "object": "chat.completion",
         "created": int(time.time()),
         "model": name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": generation.text},
-            "finish_reason": FINISH_REASONS.get(generation.finish_reason, "stop"),
-        }],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": generation.text},
+                "finish_reason": FINISH_REASONS.get(generation.finish_reason, "stop"),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
         "ess": {
             "p_malicious": generation.p_malicious,
             "intervened": generation.intervened,
@@ -122,8 +127,11 @@ def chat_completion(generation, request: Request, prompt_tokens: int, name: str)
             "tokens_before_intervention": generation.tokens_before_intervention,
             "finish_reason": generation.finish_reason,
             "trace": [asdict(t) for t in generation.trace],
-            "policy": {"schedule": request.policy.schedule, "reliance": request.policy.reliance,
-                       "tau": request.policy.tau},
+            "policy": {
+                "schedule": request.policy.schedule,
+                "reliance": request.policy.reliance,
+                "tau": request.policy.tau,
+            },
         },
     }
 
@@ -218,8 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             self._send(200, {"status": "ok"})
         elif self.path == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": self.server.config.name, "object": "model",
-                                                         "owned_by": "ess"}]})
+            self._send(
+                200, {"object": "list", "data": [{"id": self.server.config.name, "object": "model", "owned_by": "ess"}]}
+            )
         else:
             self._error(404, f"no route {self.path}", "not_found")
 

@@ -51,8 +51,13 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if config.phase not in PHASES:
         raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
-    for name, least in (("batch_size", 1), ("save_every", 1), ("windows_per_answer", 1), ("replay_every", 0),
-                        ("refusal_resamples", 0)):
+    for name, least in (
+        ("batch_size", 1),
+        ("save_every", 1),
+        ("windows_per_answer", 1),
+        ("replay_every", 0),
+        ("refusal_resamples", 0),
+    ):
         if getattr(config, name) < least:
             raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
     response_calibration = _response_calibration(config) if Phase.ALIGN in PHASES[config.phase] else None
@@ -87,8 +92,9 @@ def train(config: TrainConfig, base: str) -> Path:
             items, replay = _phase_items(phase, config, model, encoder, examples, held_out)
         start = state["step"] if state["phase"] == phase else 0
         optimizer_state = checkpoint / "optimizer.safetensors" if checkpoint and start else None
-        _run_phase(phase, items, replay, model, encoder, config, accelerator, out, start, optimizer_state,
-                   state["phases_done"])
+        _run_phase(
+            phase, items, replay, model, encoder, config, accelerator, out, start, optimizer_state, state["phases_done"]
+        )
         state = {"phase": None, "step": 0, "phases_done": state["phases_done"] + [phase]}
 
     if Phase.ALIGN in PHASES[config.phase] and calibration:
@@ -154,8 +160,10 @@ def _calibrate(model: ESSModel, calibration: list, config: TrainConfig, accelera
     model.config.threshold = threshold
     flagged = sum(s >= threshold for s in malicious) / max(1, len(malicious))
     false_alarms = sum(s >= threshold for s in benign) / max(1, len(benign))
-    accelerator.print(f"calibration on {len(calibration)} held-out prompts: threshold {threshold:.3f}, "
-                      f"flags {flagged:.1%} of harmful and {false_alarms:.1%} of benign")
+    accelerator.print(
+        f"calibration on {len(calibration)} held-out prompts: threshold {threshold:.3f}, "
+        f"flags {flagged:.1%} of harmful and {false_alarms:.1%} of benign"
+    )
 
 
 def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
@@ -164,8 +172,9 @@ def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
     if not config.response_calibration:
         return None
     try:
-        calibration = CalibrationConfig(prompts=config.response_calibration,
-                                        max_late_stop_rate=config.max_late_stop_rate)
+        calibration = CalibrationConfig(
+            prompts=config.response_calibration, max_late_stop_rate=config.max_late_stop_rate
+        )
     except CalibrationError as error:
         raise TrainingError(str(error)) from None
     load_examples(calibration.prompts, label="benign")
@@ -219,8 +228,9 @@ class _Schedule:
         return replay, order[start : start + batch_size]
 
 
-def _run_phase(phase, items, replay_items, model, encoder, config, accelerator, out, start, optimizer_state,
-               phases_done) -> None:
+def _run_phase(
+    phase, items, replay_items, model, encoder, config, accelerator, out, start, optimizer_state, phases_done
+) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = config.batch_size * world
     epochs = config.pretrain_epochs if phase == Phase.PRETRAIN else config.epochs
@@ -240,7 +250,9 @@ def _run_phase(phase, items, replay_items, model, encoder, config, accelerator, 
         optimizer.load_state_dict(_read_optimizer(optimizer_state))
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
 
-    replay_note = f", a replay step on {len(replay_items)} windows after every {schedule.every}" if schedule.every else ""
+    replay_note = (
+        f", a replay step on {len(replay_items)} windows after every {schedule.every}" if schedule.every else ""
+    )
     accelerator.print(f"{phase} phase: {len(items)} sequences{replay_note}, {total} steps of {per_step}")
     bar = tqdm(total=total, initial=start, desc=phase, unit="step", disable=not accelerator.is_local_main_process)
     log = (out / "train_log.jsonl").open("a") if accelerator.is_main_process else None
@@ -269,8 +281,17 @@ def _run_phase(phase, items, replay_items, model, encoder, config, accelerator, 
             bar.set_postfix(loss=f"{loss:.3f}", cls=f"{cls_loss:.3f}", acc=f"{acc:.2f}", tok_s=f"{rate:.0f}")
             bar.update(1)
             if log:
-                row = {"phase": phase, "step": step + 1, "replay": replay, "loss": loss, "lm_loss": lm_loss,
-                       "cls_loss": cls_loss, "cls_acc": acc, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}
+                row = {
+                    "phase": phase,
+                    "step": step + 1,
+                    "replay": replay,
+                    "loss": loss,
+                    "lm_loss": lm_loss,
+                    "cls_loss": cls_loss,
+                    "cls_acc": acc,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": rate,
+                }
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == total or interrupted:

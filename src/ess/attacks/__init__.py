@@ -8,10 +8,23 @@ dan:PATH, past-tense, gcg[:KEY=VALUE,...] (white-box: it needs `AttackContext.mo
 
 from . import autodan, dan, decoding, deepinception, direct, gcg, pap, past_tense, prefill  # noqa: F401  (registration)
 from .base import (
-    DEFAULT_DATA_ROOT, Attack, AttackContext, AttackedInput, AttackError, attack_names, get_attack, register_attack,
+    DEFAULT_DATA_ROOT,
+    Attack,
+    AttackContext,
+    AttackedInput,
+    AttackError,
+    attack_names,
+    get_attack,
+    register_attack,
 )
 
 __all__ = [
-    "DEFAULT_DATA_ROOT", "Attack", "AttackContext", "AttackedInput", "AttackError", "attack_names", "get_attack",
+    "DEFAULT_DATA_ROOT",
+    "Attack",
+    "AttackContext",
+    "AttackedInput",
+    "AttackError",
+    "attack_names",
+    "get_attack",
     "register_attack",
 ]

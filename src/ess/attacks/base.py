@@ -12,9 +12,10 @@ parameter, parsed by its `from_arg`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from ..data.schema import Example
 from ..generation.types import Messages, Sampling
@@ -74,7 +75,7 @@ class Attack:
     """`build` runs an optimisation: the harness stores the inputs it builds and reuses them on resume."""
 
     @classmethod
-    def from_arg(cls, arg: str | None) -> "Attack":
+    def from_arg(cls, arg: str | None) -> Attack:
         if arg is not None:
             raise AttackError(f"attack {cls.name!r} takes no parameter, got {arg!r}")
         return cls()

@@ -71,11 +71,13 @@ class DANAttack(Attack):
         self.templates = load_templates(Path(path))
 
     @classmethod
-    def from_arg(cls, arg: str | None) -> "DANAttack":
+    def from_arg(cls, arg: str | None) -> DANAttack:
         if not arg:
             raise AttackError("dan needs a template file: dan:PATH (each template contains {prompt})")
         return cls(arg)
 
     def build(self, example: Example, ctx: AttackContext) -> list[AttackedInput]:
-        return [AttackedInput(messages=with_prompt(example, fill(template, example.prompt)), config=name)
-                for name, template in self.templates]
+        return [
+            AttackedInput(messages=with_prompt(example, fill(template, example.prompt)), config=name)
+            for name, template in self.templates
+        ]

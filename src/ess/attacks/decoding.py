@@ -41,11 +41,13 @@ class DecodingAttack(Attack):
         self.configs = [c for c in configs if c[0] in QUICK] if quick else configs
 
     @classmethod
-    def from_arg(cls, arg: str | None) -> "DecodingAttack":
+    def from_arg(cls, arg: str | None) -> DecodingAttack:
         if arg not in (None, "quick", "full"):
             raise AttackError(f"decoding takes `quick` or `full`, got {arg!r}")
         return cls(quick=arg == "quick")
 
     def build(self, example: Example, ctx: AttackContext) -> list[AttackedInput]:
-        return [AttackedInput(messages=copy_messages(example), sampling=Sampling(**vars(sampling)), config=name)
-                for name, sampling in self.configs]
+        return [
+            AttackedInput(messages=copy_messages(example), sampling=Sampling(**vars(sampling)), config=name)
+            for name, sampling in self.configs
+        ]

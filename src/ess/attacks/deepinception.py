@@ -28,7 +28,9 @@ TEMPLATE = (
 
 
 def inception_prompt(prompt: str, scene: str = "science fiction", characters: int = 5, layers: int = 5) -> str:
-    template = TEMPLATE.replace("{scene}", scene).replace("{characters}", str(characters)).replace("{layers}", str(layers))
+    template = (
+        TEMPLATE.replace("{scene}", scene).replace("{characters}", str(characters)).replace("{layers}", str(layers))
+    )
     return fill(template, prompt)
 
 

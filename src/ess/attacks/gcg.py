@@ -95,8 +95,16 @@ def _parse_value(name: str, text: str, kind) -> object:
     kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
     try:
         if kind.startswith("bool"):
-            value = {"true": True, "1": True, "yes": True, "on": True,
-                     "false": False, "0": False, "no": False, "off": False}.get(text.lower())
+            value = {
+                "true": True,
+                "1": True,
+                "yes": True,
+                "on": True,
+                "false": False,
+                "0": False,
+                "no": False,
+                "off": False,
+            }.get(text.lower())
             if value is None:
                 raise ValueError
             return value
@@ -120,7 +128,7 @@ def parse_gcg_spec(arg: str | None) -> GCGConfig:
     rest = arg
     while rest:
         if rest.startswith("target="):
-            key, text, rest = "target", rest[len("target="):], ""
+            key, text, rest = "target", rest[len("target=") :], ""
         else:
             item, rest = (re.split(r"[,:]", rest, maxsplit=1) + [""])[:2]
             key, sep, text = item.partition("=")
@@ -211,7 +219,7 @@ class GCGProblem:
             raise AttackError("gcg: cannot find the prompt in the chat template's output")
         prompt_end = at + len(example.prompt)
         self.before_ids = self.encoder.tokenize(rendered[:prompt_end])
-        self.after_ids = self.encoder.tokenize(rendered[at + len(content):])
+        self.after_ids = self.encoder.tokenize(rendered[at + len(content) :])
         self.init_ids = self.encoder.tokenize(" " + init)
         # Strict filter where the tokenizer splits cleanly at the suffix's ends, else GCG's
         # usual decode-encode check of the suffix alone.
@@ -223,11 +231,16 @@ class GCGProblem:
         self.suffix_end = self.suffix_start + len(self.init_ids)
         self.target_start = self.suffix_end + len(self.after_ids)
         first = [self.model.config.cls_token_id if not plain else self.encoder.pad_id]
-        self.template = torch.tensor(first + self.before_ids + self.init_ids + self.after_ids + self.target_ids,
-                                     device=device)
+        self.template = torch.tensor(
+            first + self.before_ids + self.init_ids + self.after_ids + self.target_ids, device=device
+        )
         n_query = len(self.before_ids) + len(self.init_ids) + len(self.after_ids)
-        self.roles = torch.tensor([int(Role.PAD if plain else Role.CLS)] + [int(Role.QUERY)] * n_query
-                                  + [int(Role.RESPONSE)] * len(self.target_ids), device=device)
+        self.roles = torch.tensor(
+            [int(Role.PAD if plain else Role.CLS)]
+            + [int(Role.QUERY)] * n_query
+            + [int(Role.RESPONSE)] * len(self.target_ids),
+            device=device,
+        )
         self.target_tensor = torch.tensor(self.target_ids, device=device)
 
     # ---- text <-> tokens --------------------------------------------------------------------
@@ -279,9 +292,13 @@ class GCGProblem:
 
     def summary(self, suffix: torch.Tensor) -> Losses:
         loss, target_loss, cls_loss, match = (t[0].item() for t in self.losses(suffix[None]))
-        return Losses(loss=loss, target_loss=target_loss, cls_loss=cls_loss,
-                      p_benign=math.exp(-cls_loss) if self.adaptive else None,
-                      success=bool(match))
+        return Losses(
+            loss=loss,
+            target_loss=target_loss,
+            cls_loss=cls_loss,
+            p_benign=math.exp(-cls_loss) if self.adaptive else None,
+            success=bool(match),
+        )
 
     def gradient(self, suffix: torch.Tensor) -> torch.Tensor:
         """d loss / d one-hot of the suffix tokens: [m, vocab rows]."""
@@ -290,16 +307,18 @@ class GCGProblem:
             one_hot = F.one_hot(suffix, weight.shape[0]).to(weight.dtype).requires_grad_(True)
             ids = self.input_ids(suffix[None])
             embeds = self.model.embed(ids, self.roles[None]).detach()
-            embeds = torch.cat([embeds[:, : self.suffix_start], (one_hot @ weight)[None],
-                                embeds[:, self.suffix_end :]], dim=1)
+            embeds = torch.cat(
+                [embeds[:, : self.suffix_start], (one_hot @ weight)[None], embeds[:, self.suffix_end :]], dim=1
+            )
             out = self.model(ids, self.roles[None], Phase.ALIGN, inputs_embeds=embeds)
             loss = self._parts(out, 1)[0].sum()
             (grad,) = torch.autograd.grad(loss, one_hot)
         return grad
 
 
-def sample_candidates(suffix: torch.Tensor, grad: torch.Tensor, allowed: torch.Tensor, config: GCGConfig,
-                      generator: torch.Generator) -> torch.Tensor:
+def sample_candidates(
+    suffix: torch.Tensor, grad: torch.Tensor, allowed: torch.Tensor, config: GCGConfig, generator: torch.Generator
+) -> torch.Tensor:
     """`search_width` copies of the suffix, each with `n_replace` positions set to one of the
     `topk` tokens of most negative gradient there."""
     m = suffix.shape[0]
@@ -344,9 +363,19 @@ def run_gcg(model, example: Example, config: GCGConfig, plain: bool = False, log
             break
     ids = best.tolist()
     suffix = problem.suffix_text(ids)
-    return GCGResult(suffix=suffix, suffix_ids=ids, messages=problem.messages(suffix), target=problem.target,
-                     initial=initial, best=problem.summary(best), losses=losses, steps=step,
-                     best_step=best_step, exact_tokens=problem.exact, seconds=time.monotonic() - started)
+    return GCGResult(
+        suffix=suffix,
+        suffix_ids=ids,
+        messages=problem.messages(suffix),
+        target=problem.target,
+        initial=initial,
+        best=problem.summary(best),
+        losses=losses,
+        steps=step,
+        best_step=best_step,
+        exact_tokens=problem.exact,
+        seconds=time.monotonic() - started,
+    )
 
 
 @register_attack
@@ -358,7 +387,7 @@ class GCGAttack(Attack):
         self.config = config or GCGConfig()
 
     @classmethod
-    def from_arg(cls, arg: str | None) -> "GCGAttack":
+    def from_arg(cls, arg: str | None) -> GCGAttack:
         return cls(parse_gcg_spec(arg))
 
     def build(self, example: Example, ctx: AttackContext) -> list[AttackedInput]:
@@ -366,11 +395,19 @@ class GCGAttack(Attack):
             raise AttackError("gcg needs the model under attack (AttackContext.model)")
         result = run_gcg(ctx.model(), example, self.config, plain=ctx.plain)
         meta = {
-            "suffix": result.suffix, "suffix_ids": result.suffix_ids, "target": result.target,
-            "adaptive": self.config.adaptive and not ctx.plain, "steps": result.steps, "best_step": result.best_step,
-            "initial_loss": result.initial.loss, "loss": result.best.loss,
-            "target_loss": result.best.target_loss, "cls_loss": result.best.cls_loss,
-            "p_benign": result.best.p_benign, "success": result.best.success,
-            "exact_tokens": result.exact_tokens, "seconds": round(result.seconds, 2),
+            "suffix": result.suffix,
+            "suffix_ids": result.suffix_ids,
+            "target": result.target,
+            "adaptive": self.config.adaptive and not ctx.plain,
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "initial_loss": result.initial.loss,
+            "loss": result.best.loss,
+            "target_loss": result.best.target_loss,
+            "cls_loss": result.best.cls_loss,
+            "p_benign": result.best.p_benign,
+            "success": result.best.success,
+            "exact_tokens": result.exact_tokens,
+            "seconds": round(result.seconds, 2),
         }
         return [AttackedInput(messages=result.messages, config="default", meta=meta)]

@@ -101,7 +101,7 @@ class PAPAttack(Attack):
         self._techniques: dict[str, str] | None = None
 
     @classmethod
-    def from_arg(cls, arg: str | None) -> "PAPAttack":
+    def from_arg(cls, arg: str | None) -> PAPAttack:
         return cls(arg or None)
 
     def techniques(self, ctx: AttackContext) -> dict[str, str]:
@@ -113,6 +113,9 @@ class PAPAttack(Attack):
         return self._techniques
 
     def build(self, example: Example, ctx: AttackContext) -> list[AttackedInput]:
-        return [AttackedInput(messages=with_prompt(example, persuade(example.prompt, name, definition)),
-                              config=f"technique={name}")
-                for name, definition in self.techniques(ctx).items()]
+        return [
+            AttackedInput(
+                messages=with_prompt(example, persuade(example.prompt, name, definition)), config=f"technique={name}"
+            )
+            for name, definition in self.techniques(ctx).items()
+        ]

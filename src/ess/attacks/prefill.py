@@ -39,7 +39,7 @@ class PrefillAttack(Attack):
         self.tokens = tokens
 
     @classmethod
-    def from_arg(cls, arg: str | None) -> "PrefillAttack":
+    def from_arg(cls, arg: str | None) -> PrefillAttack:
         if arg is None:
             return cls()
         try:
@@ -63,5 +63,11 @@ class PrefillAttack(Attack):
     def build(self, example: Example, ctx: AttackContext) -> list[AttackedInput]:
         text, source = self.harmful_start(example, ctx)
         prefill = first_tokens(text, self.tokens, ctx.tokenizer)
-        return [AttackedInput(messages=copy_messages(example), prefill=prefill,
-                              config=f"tokens={self.tokens}", meta={"prefill_source": source})]
+        return [
+            AttackedInput(
+                messages=copy_messages(example),
+                prefill=prefill,
+                config=f"tokens={self.tokens}",
+                meta={"prefill_source": source},
+            )
+        ]

@@ -45,8 +45,10 @@ def core_task(prompt: str) -> str:
     return as_task(stripped if stripped != text else text)
 
 
-_MODALS = [(re.compile(rf"\b{present}\b"), past) for present, past in
-           (("can", "could"), ("will", "would"), ("won't", "wouldn't"), ("can't", "couldn't"))]
+_MODALS = [
+    (re.compile(rf"\b{present}\b"), past)
+    for present, past in (("can", "could"), ("will", "would"), ("won't", "wouldn't"), ("can't", "couldn't"))
+]
 _WH_QUESTION = re.compile(r"^(what|which|who|where|why|when)\s+(is|are|do|does)\b", re.IGNORECASE)
 _WH_PAST = {"is": "was", "are": "were", "do": "did", "does": "did"}
 
@@ -62,7 +64,7 @@ def past_tense(prompt: str) -> str:
     wh = _WH_QUESTION.match(text)
     if wh:
         verb = wh.group(2).lower()
-        sentence = wh.group(1).capitalize() + " " + _WH_PAST[verb] + text[wh.end():]
+        sentence = wh.group(1).capitalize() + " " + _WH_PAST[verb] + text[wh.end() :]
         return sentence + " in the past?"
     task = core_task(text)
     for pattern, past in _MODALS:

@@ -69,7 +69,9 @@ def base_answers(
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
                 texts = [
-                    tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                    tokenizer.apply_chat_template(
+                        [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                    )
                     for p in chunk
                 ]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)

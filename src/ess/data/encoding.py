@@ -47,7 +47,7 @@ class Batch:
     """[b, n]: the token to predict at each position, -100 where there is no LM loss."""
     cls_labels: torch.Tensor
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.roles, self.lm_targets, self.cls_labels)))
 
 
@@ -65,7 +65,7 @@ class ChatEncoder:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
     @classmethod
-    def for_model(cls, model, max_length: int | None = None) -> "ChatEncoder":
+    def for_model(cls, model, max_length: int | None = None) -> ChatEncoder:
         """The encoder of an `ESSModel`: its tokenizer and its [CLS] token."""
         return cls(model.tokenizer, model.config.cls_token_id, model.config.cls_token, max_length)
 
@@ -89,17 +89,19 @@ class ChatEncoder:
         """The query as the model sees it before answering (chat template + generation prompt)."""
         return self.tokenize(self.render_query(messages))
 
-    def response_ids(self, messages: list[dict[str, str]], response: str, forced_prefix: str = "") -> tuple[list[int], int]:
+    def response_ids(
+        self, messages: list[dict[str, str]], response: str, forced_prefix: str = ""
+    ) -> tuple[list[int], int]:
         """Token ids of what the template adds after the query for the assistant's answer, and how
         many of them are a forced prefix: tokenized on its own, exactly as the generator inserts it."""
         query = self.render_query(messages)
         full = self.tokenizer.apply_chat_template(
             messages + [{"role": "assistant", "content": response}], tokenize=False
         )
-        tail = full[len(query):] if full.startswith(query) else response + (self.tokenizer.eos_token or "")
+        tail = full[len(query) :] if full.startswith(query) else response + (self.tokenizer.eos_token or "")
         if forced_prefix and tail.startswith(forced_prefix):
             forced = self.tokenize(forced_prefix)
-            return forced + self.tokenize(tail[len(forced_prefix):]), len(forced)
+            return forced + self.tokenize(tail[len(forced_prefix) :]), len(forced)
         return self.tokenize(tail), 0
 
     def _finish(self, ids: list[int], roles: list[int], label: int, lm_target: list[bool]) -> Encoded:
@@ -121,7 +123,8 @@ class ChatEncoder:
         head = self.encode_query(example.query, LABELS.index(example.label))
         response, forced = (
             self.response_ids(example.query, example.response, example.meta.get("forced_prefix", ""))
-            if example.response else ([], 0)
+            if example.response
+            else ([], 0)
         )
         return self._finish(
             head.ids + response,
@@ -151,6 +154,8 @@ class ChatEncoder:
             roles[row, :n] = torch.tensor(item.roles)
             target = torch.tensor(item.lm_target)
             # The logits at position t predict token t+1.
-            lm_targets[row, : n - 1] = torch.where(target[1:], input_ids[row, 1:n], torch.full_like(input_ids[row, 1:n], -100))
+            lm_targets[row, : n - 1] = torch.where(
+                target[1:], input_ids[row, 1:n], torch.full_like(input_ids[row, 1:n], -100)
+            )
         cls_labels = torch.tensor([item.label for item in items], dtype=torch.long)
         return Batch(input_ids, roles, lm_targets, cls_labels)

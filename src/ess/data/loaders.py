@@ -48,11 +48,12 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from fnmatch import fnmatch
 from importlib.resources import as_file, files
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from .schema import LABELS, DataError, Example, validate_example
 

@@ -62,8 +62,10 @@ def alignment_examples(
     # guiding text; the LM learns the explanation that follows it, not to start refusals on its
     # own. Trained on whole refusals, the default model refused 43 % of benign-but-alarming
     # prompts by itself (quickstart, keyword judge), most with a low p(malicious).
-    mixture += [replace(e, response=explained_refusal(e, rng), meta={**e.meta, "forced_prefix": GUIDING_TEXT})
-                for e in malicious]
+    mixture += [
+        replace(e, response=explained_refusal(e, rng), meta={**e.meta, "forced_prefix": GUIDING_TEXT})
+        for e in malicious
+    ]
     mixture = [e for e in mixture if e.response]
     rng.shuffle(mixture)
     return mixture

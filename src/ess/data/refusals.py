@@ -27,26 +27,57 @@ def declines(answer: str) -> bool:
 
 # Reasons for requests whose dataset gives none, picked by the first pattern that matches.
 _REASONS: list[tuple[str, str]] = [
-    (r"bomb|explosive|detonat|grenade|ied\b", "it asks how to make or use explosives, which could kill or maim people."),
-    (r"gun|firearm|weapon|rifle|ammunition|silencer", "it asks for help with weapons in a way that could get people hurt or killed."),
-    (r"poison|toxin|nerve agent|anthrax|ricin|pathogen|virus strain|chemical weapon",
-     "it asks for help with poisons or biological or chemical agents that could kill people."),
-    (r"malware|ransomware|virus|keylogger|trojan|botnet|exploit|ddos", "it asks me to build or deploy malicious software that damages other people's systems."),
-    (r"hack|crack|password|phish|break into|unauthori[sz]ed access", "it asks for help getting into accounts or systems without permission."),
-    (r"suicide|self-harm|self harm|kill myself|cut myself|overdose",
-     "it could lead to you getting hurt; if you are struggling, please reach out to someone you trust or a local crisis line."),
-    (r"drug|meth|cocaine|heroin|fentanyl|narcotic", "it asks for help making or trafficking illegal drugs, which harms people and is against the law."),
-    (r"steal|theft|shoplift|rob|burglar|counterfeit|launder", "it asks for help stealing or committing financial crime."),
+    (
+        r"bomb|explosive|detonat|grenade|ied\b",
+        "it asks how to make or use explosives, which could kill or maim people.",
+    ),
+    (
+        r"gun|firearm|weapon|rifle|ammunition|silencer",
+        "it asks for help with weapons in a way that could get people hurt or killed.",
+    ),
+    (
+        r"poison|toxin|nerve agent|anthrax|ricin|pathogen|virus strain|chemical weapon",
+        "it asks for help with poisons or biological or chemical agents that could kill people.",
+    ),
+    (
+        r"malware|ransomware|virus|keylogger|trojan|botnet|exploit|ddos",
+        "it asks me to build or deploy malicious software that damages other people's systems.",
+    ),
+    (
+        r"hack|crack|password|phish|break into|unauthori[sz]ed access",
+        "it asks for help getting into accounts or systems without permission.",
+    ),
+    (
+        r"suicide|self-harm|self harm|kill myself|cut myself|overdose",
+        "it could lead to you getting hurt; if you are struggling, please reach out to someone you trust or a local crisis line.",
+    ),
+    (
+        r"drug|meth|cocaine|heroin|fentanyl|narcotic",
+        "it asks for help making or trafficking illegal drugs, which harms people and is against the law.",
+    ),
+    (
+        r"steal|theft|shoplift|rob|burglar|counterfeit|launder",
+        "it asks for help stealing or committing financial crime.",
+    ),
     (r"fraud|scam|fake|forge|identity", "it asks for help deceiving people to take their money or identity."),
-    (r"stalk|track someone|spy on|dox|personal information|location of",
-     "it asks me to help violate someone's privacy, which could put them in danger."),
-    (r"hate|racist|slur|inferior|harass|bully|threaten",
-     "it asks me to attack or demean people, which causes real harm."),
-    (r"misinformation|fake news|propaganda|conspiracy|disinformation", "it asks me to spread false information that could mislead and harm people."),
+    (
+        r"stalk|track someone|spy on|dox|personal information|location of",
+        "it asks me to help violate someone's privacy, which could put them in danger.",
+    ),
+    (
+        r"hate|racist|slur|inferior|harass|bully|threaten",
+        "it asks me to attack or demean people, which causes real harm.",
+    ),
+    (
+        r"misinformation|fake news|propaganda|conspiracy|disinformation",
+        "it asks me to spread false information that could mislead and harm people.",
+    ),
     (r"terror|extremis|radicali", "it asks for help with violent extremism."),
     (r"child|minor|underage", "it could put children at risk of harm."),
-    (r"kill|murder|hurt|attack|assault|torture|violence|harm",
-     "it asks for help hurting people, and I won't assist with violence."),
+    (
+        r"kill|murder|hurt|attack|assault|torture|violence|harm",
+        "it asks for help hurting people, and I won't assist with violence.",
+    ),
 ]
 _DEFAULT_REASON = "it asks for help with something that could seriously harm people or break the law."
 _CLOSINGS = [

@@ -44,7 +44,7 @@ class Example:
         return next(m["content"] for m in reversed(self.query) if m["role"] == "user")
 
     @classmethod
-    def from_prompt(cls, prompt: str, label: Label, response: str | None = None, **kwargs) -> "Example":
+    def from_prompt(cls, prompt: str, label: Label, response: str | None = None, **kwargs) -> Example:
         return cls(query=[{"role": "user", "content": prompt}], response=response, label=label, **kwargs)
 
 

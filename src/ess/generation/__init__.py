@@ -5,6 +5,14 @@ from .policy import PolicyError
 from .types import Generation, Policy, Request, Sampling, TraceEntry
 
 __all__ = [
-    "Generation", "GenerationError", "Policy", "PolicyError", "Request", "Sampling", "TraceEntry",
-    "generate", "load_model", "next_token_logprobs",
+    "Generation",
+    "GenerationError",
+    "Policy",
+    "PolicyError",
+    "Request",
+    "Sampling",
+    "TraceEntry",
+    "generate",
+    "load_model",
+    "next_token_logprobs",
 ]

@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 class SlotLayer(CacheLayerMixin):
     """One layer's keys and values, preallocated as [batch, kv_heads, capacity, head_dim]."""
 
-    def __init__(self, cache: "SlotCache"):
+    def __init__(self, cache: SlotCache):
         super().__init__()
         self.cache = cache
 

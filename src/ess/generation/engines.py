@@ -95,8 +95,12 @@ class CachedEngine:
 
         reevaluate = torch.tensor([s is not None for s in spans], device=device)
         if not reevaluate.any():
-            hidden = self._forward(self.ids[:, slot : slot + 1], self.roles[:, slot : slot + 1],
-                                   self.key_slots[slot : slot + 1], token_positions)
+            hidden = self._forward(
+                self.ids[:, slot : slot + 1],
+                self.roles[:, slot : slot + 1],
+                self.key_slots[slot : slot + 1],
+                token_positions,
+            )
             return self.model.lm_logits(hidden[:, 0]).float(), [None] * len(tokens)
 
         # Two query rows per sequence: the new token, and [CLS] (a padding row where not re-evaluated).
@@ -108,7 +112,9 @@ class CachedEngine:
         write = torch.stack([torch.ones_like(reevaluate), reevaluate], dim=1)
         hidden = self._forward(ids, roles, slots, positions, self._span_slots(spans), write)
         p = self.model.head(hidden[:, 1]).float().softmax(-1)[:, 1].tolist()
-        return self.model.lm_logits(hidden[:, 0]).float(), [p[i] if s is not None else None for i, s in enumerate(spans)]
+        return self.model.lm_logits(hidden[:, 0]).float(), [
+            p[i] if s is not None else None for i, s in enumerate(spans)
+        ]
 
 
 class ReferenceEngine:
@@ -132,14 +138,18 @@ class ReferenceEngine:
         query, response, versions = self.queries[row], self.responses[row], self.versions[row]
         n_text = len(query) + len(response)
         n = 1 + n_text + len(versions) - 1
-        ids = [self.model.config.cls_token_id] + query + response + [self.model.config.cls_token_id] * (len(versions) - 1)
-        roles = [Role.CLS] + [Role.QUERY] * len(query) + [Role.RESPONSE] * len(response) + [Role.CLS] * (len(versions) - 1)
+        ids = (
+            [self.model.config.cls_token_id] + query + response + [self.model.config.cls_token_id] * (len(versions) - 1)
+        )
+        roles = (
+            [Role.CLS] + [Role.QUERY] * len(query) + [Role.RESPONSE] * len(response) + [Role.CLS] * (len(versions) - 1)
+        )
         if self.plain[row]:
             roles[0] = Role.PAD
         cls_slot = [0] + [1 + n_text + v for v in range(len(versions) - 1)]
         reads = torch.zeros(1, n, n, dtype=torch.bool, device=device)
         reads_cls = torch.zeros(1, n, n, dtype=torch.bool, device=device)
-        for version, (created, span) in enumerate(versions):
+        for version, (_created, span) in enumerate(versions):
             row_slot = cls_slot[version]
             if span is None:  # the first verdict: the query, exactly as in training
                 reads[0, row_slot, 1 : 1 + len(query)] = True

@@ -104,11 +104,13 @@ class _Row:
         return None
 
 
-def _run_batch(model: ESSModel, encoder: ChatEncoder, requests: list[Request], first_index: int,
-               engine_class) -> list[Generation]:
+def _run_batch(
+    model: ESSModel, encoder: ChatEncoder, requests: list[Request], first_index: int, engine_class
+) -> list[Generation]:
     rows = [_Row(first_index + i, r, encoder, model.config) for i, r in enumerate(requests)]
     extra = max(
-        len(row.forced) + row.request.sampling.max_new_tokens
+        len(row.forced)
+        + row.request.sampling.max_new_tokens
         + len(encoder.tokenize("\n" + max(row.request.policy.guiding_text, row.request.policy.refusal_text, key=len)))
         for row in rows
     )
@@ -203,7 +205,9 @@ def next_token_logprobs(model: ESSModel, requests: list[Request]) -> torch.Tenso
     rows = []
     for request in requests:
         prefill = encoder.tokenize(request.prefill) if request.prefill else []
-        engine = CachedEngine(model, [encoder.query_ids(request.messages)], [request.policy.schedule == "none"], len(prefill))
+        engine = CachedEngine(
+            model, [encoder.query_ids(request.messages)], [request.policy.schedule == "none"], len(prefill)
+        )
         logits, _ = engine.start()
         for token in prefill:
             logits, _ = engine.step([token], [None])

@@ -48,8 +48,11 @@ POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("reliance", str, "strategic decoding: low (no inserted refusal), medium or high"),
     ("tau", int, "consecutive malicious verdicts before an intervention"),
     ("min_window", int, "response tokens before a benign query's [CLS] is re-evaluated (1: from the first)"),
-    ("response_threshold", float,
-     "p(malicious) at which a verdict on response text alone counts (rules 2 and 3; default: the model's)"),
+    (
+        "response_threshold",
+        float,
+        "p(malicious) at which a verdict on response text alone counts (rules 2 and 3; default: the model's)",
+    ),
 )
 
 
@@ -59,9 +62,13 @@ def add_policy_flags(parser: argparse.ArgumentParser, ablation: bool = False) ->
     for name, kind, text in POLICY_FLAGS:
         default = None if ablation else getattr(Policy, name)
         shown = f" (default {default})" if default is not None else ""
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default,
-                            choices=RELIANCES if name == "reliance" else None,
-                            help=f"ablation: {text}" if ablation else text + shown)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=default,
+            choices=RELIANCES if name == "reliance" else None,
+            help=f"ablation: {text}" if ablation else text + shown,
+        )
 
 
 def policy_overrides(values: object) -> dict:
