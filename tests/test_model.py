@@ -1,4 +1,4 @@
-"""The attention rules of METHOD.md §3, checked on tiny random models of three families."""
+"""The attention rules of docs/METHOD.md §3, checked on tiny random models of three families."""
 
 from __future__ import annotations
 

@@ -7,13 +7,18 @@ same prompts and the same number of generated tokens (EOS ignored). Each configu
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .fields import FieldError, check, option
 from .generation import Policy, Request, Sampling, generate
+from .generation.policy import schedule_interval
 from .model import ESSModel
+
+logger = logging.getLogger(__name__)
 
 SCHEDULES = ("none", "first", "periodic:10", "annealing", "every")
 PROMPTS = [
@@ -30,16 +35,21 @@ PROMPTS = [
 
 @dataclass
 class BenchConfig:
-    """What `ess bench` measures."""
+    """What `ess bench` measures; every field is also an `ess bench` flag."""
 
-    batch_sizes: tuple[int, ...] = (1, 8)
-    """Batch sizes to measure (prompts are repeated to fill a batch)."""
-    max_new_tokens: int = 128
-    """Tokens generated per answer (annealing re-evaluates up to token 128)."""
-    repeats: int = 3
-    """Runs per configuration; the fastest counts."""
-    schedules: tuple[str, ...] = SCHEDULES
-    """Schedules to compare; `none` is the baseline of the overhead."""
+    batch_sizes: tuple[int, ...] = option(
+        "batch sizes to measure (prompts are repeated to fill a batch)", (1, 8), min=1
+    )
+    max_new_tokens: int = option("tokens generated per answer (annealing re-evaluates up to token 128)", 128, min=1)
+    repeats: int = option("runs per configuration; the fastest counts", 3, min=1)
+    schedules: tuple[str, ...] = option("schedules to compare; none is the baseline of the overhead", SCHEDULES)
+
+    def __post_init__(self):
+        check(self)
+        if "none" not in self.schedules:
+            raise FieldError("schedules must include none, the baseline of the overhead")
+        for schedule in self.schedules:
+            schedule_interval(schedule)  # raises PolicyError on an unknown schedule
 
 
 def _time(fn) -> float:
@@ -80,7 +90,9 @@ def _hf_generate_seconds(model: ESSModel, batch: int, max_new_tokens: int) -> fl
     )
 
 
-def run_bench(model: ESSModel, config: BenchConfig, log=print) -> dict:
+def run_bench(model: ESSModel, config: BenchConfig) -> dict:
+    """Tokens/s of each schedule and batch size, their overhead against `none`, and transformers'
+    `generate` on the same prompts (each row is also logged as it is measured)."""
     rows = []
     hf: dict[str, float] = {}
     for batch in config.batch_sizes:
@@ -102,8 +114,10 @@ def run_bench(model: ESSModel, config: BenchConfig, log=print) -> dict:
                 "overhead": seconds[schedule] / seconds["none"] - 1 if "none" in seconds else None,
             }
             rows.append(row)
-            log(f"batch {batch:3d}  {schedule:12s} {row['tokens_per_s']:9.1f} tok/s  overhead {row['overhead']:+.3f}")
-        log(
+            logger.info(
+                f"batch {batch:3d}  {schedule:12s} {row['tokens_per_s']:9.1f} tok/s  overhead {row['overhead']:+.3f}"
+            )
+        logger.info(
             f"batch {batch:3d}  {'hf generate':12s} {hf[str(batch)]:9.1f} tok/s  "
             f"(none runs at {seconds['none'] and hf_seconds / seconds['none']:.2f}x of it)"
         )

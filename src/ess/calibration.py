@@ -3,10 +3,9 @@ and the end of `ess train`).
 
 After a benign first verdict, [CLS] judges windows of answer text alone (rules 2 and 3), and `tau`
 consecutive verdicts at or above the response threshold stop the answer. How often those verdicts
-fire on ordinary text moves from one training to the next: at a fixed 0.8 the default recipe stopped
-2 of 80 held-out benign-but-alarming answers at seed 0 and 8 at seed 1 (README, *Data*).
-Calibration answers benign prompts that training never saw and raises the threshold above `floor`
-until at most `max_late_stop_rate` of the answers are stopped.
+fire on ordinary text depends on the trained model, so the threshold is set per model: calibration
+answers benign prompts that training never saw and raises the threshold above `floor` until at most
+`max_late_stop_rate` of the answers are stopped (docs/experiments.md has the measurements).
 
 Each round generates the answers at a candidate threshold with the decoding signal off (reliance
 `low`): up to the point where strategic decoding would step in, that is exactly the guarded
@@ -20,12 +19,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from .config import CALIBRATION_PROMPTS, MAX_LATE_STOP_RATE, ESSConfig
+from .fields import check, option
 from .generation import Policy, Request, Sampling, generate
 from .metrics import calibrated_threshold
 
 MAX_ROUNDS = 6
-"""Generations at most (each raises the threshold; one or two sufficed on the default model). If
-the limit is hit, the last threshold measured is kept, with its late stops reported."""
+"""Generations at most (each raises the threshold). If the limit is hit, the last threshold measured
+is kept, with its late stops reported."""
 
 
 class CalibrationError(ValueError):
@@ -34,27 +34,27 @@ class CalibrationError(ValueError):
 
 @dataclass
 class CalibrationConfig:
-    """How the response threshold is calibrated."""
+    """How the response threshold is calibrated; every field is also an `ess calibrate` flag."""
 
-    prompts: str = CALIBRATION_PROMPTS
-    """Benign prompts never used in training (bundled: 80 benign-but-alarming and 40 plain requests,
-    disjoint from the training and held-out seed sets)."""
-    max_late_stop_rate: float = MAX_LATE_STOP_RATE
-    """Share of the calibration answers that may be stopped late."""
-    floor: float = ESSConfig.response_threshold
-    """The threshold is never set below this (the uncalibrated default)."""
-    max_new_tokens: int = 64
-    """Tokens of each calibration answer."""
-    batch_size: int = 16
-    """Answers generated together."""
+    prompts: str = option(
+        "benign prompts never used in training (bundled: 80 benign-but-alarming and 40 plain requests, "
+        "disjoint from the training and held-out seed sets)",
+        CALIBRATION_PROMPTS,
+    )
+    max_late_stop_rate: float = option(
+        "share of the calibration answers that may be stopped late", MAX_LATE_STOP_RATE, min=0, below=1
+    )
+    floor: float = option(
+        "the threshold is never set below this (the uncalibrated default)",
+        ESSConfig.response_threshold,
+        above=0,
+        max=1,
+    )
+    max_new_tokens: int = option("tokens of each calibration answer", 64, min=1)
+    batch_size: int = option("answers generated together", 16, min=1)
 
     def __post_init__(self):
-        if not 0 <= self.max_late_stop_rate < 1:
-            raise CalibrationError(f"max_late_stop_rate must be in [0, 1), got {self.max_late_stop_rate}")
-        if not 0 < self.floor <= 1:
-            raise CalibrationError(f"the response threshold's floor must be in (0, 1], got {self.floor}")
-        if min(self.max_new_tokens, self.batch_size) < 1:
-            raise CalibrationError("max_new_tokens and batch_size must be at least 1")
+        check(self, CalibrationError)
 
 
 @dataclass

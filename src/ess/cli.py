@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
+from .fields import FieldError
 from .hub import DEFAULT_MODEL, ModelNotFound
+from .options import add_options, add_policy_flags, number, options_from
 
 
 def _load_ess_model(value: str):
@@ -25,40 +29,11 @@ def _load_ess_model(value: str):
 # ---- subcommands ------------------------------------------------------------------------------
 
 
-_TRAIN_FLAGS = (
-    "phase",
-    "full",
-    "lr",
-    "head_lr",
-    "batch_size",
-    "epochs",
-    "pretrain_epochs",
-    "max_steps",
-    "max_length",
-    "replay_every",
-    "windows_per_answer",
-    "refusal_resamples",
-    "save_every",
-    "seed",
-    "lambda_cls",
-    "data",
-    "pretrain_data",
-    "examples",
-    "calibration_fraction",
-    "response_calibration",
-    "max_late_stop_rate",
-)
-
-
-def _calibration_prompts(value: str) -> str | None:
-    return None if value.lower() == "none" else value
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .training import train
 
-    train(TrainConfig(out=args.out, **{name: getattr(args, name) for name in _TRAIN_FLAGS}), args.base)
+    train(options_from(args, TrainConfig), args.base)
     return 0
 
 
@@ -68,14 +43,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .generation.policy import validate
     from .model import CONFIG_FILE, find_checkpoint
 
-    config = CalibrationConfig(
-        prompts=args.prompts,
-        max_late_stop_rate=args.max_late_stop_rate,
-        floor=args.floor,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
-    policy = validate(Policy(tau=args.tau))
+    config = options_from(args, CalibrationConfig)
+    policy = validate(options_from(args, Policy))
     model = _load_ess_model(args.model)
     result = calibrate_response_threshold(model, config, policy)
     path = find_checkpoint(args.model) / CONFIG_FILE
@@ -104,10 +73,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def _policy(args: argparse.Namespace):
     """The decoding policy of the flags; a model without ESS weights generates plainly."""
     from .generation import Policy
-    from .generation.policy import policy_overrides, validate
+    from .generation.policy import validate
     from .model import find_checkpoint
 
-    policy = validate(Policy(**policy_overrides(args)))
+    policy = validate(options_from(args, Policy))
     if find_checkpoint(args.model) is None:
         print(f"ess {args.command}: {args.model} is not an ESS checkpoint: generating without ESS", file=sys.stderr)
         policy.schedule = "none"
@@ -117,13 +86,7 @@ def _policy(args: argparse.Namespace):
 def _sampling(args: argparse.Namespace):
     from .generation import Sampling
 
-    return Sampling(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    return options_from(args, Sampling)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -209,8 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .generation import load_model
     from .jsonfiles import write_json
 
+    config = options_from(args, BenchConfig)
     model = load_model(args.model)
-    config = BenchConfig(batch_sizes=tuple(args.batch_sizes), max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     result = run_bench(model, config)
     if args.json:
         write_json(args.json, result)
@@ -219,124 +182,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import QuickstartConfig, run_quickstart
+    from .quickstart import QuickstartConfig, comparison_table, run_quickstart
 
-    run_quickstart(QuickstartConfig(out=args.out))
+    config = options_from(args, QuickstartConfig)
+    summary = run_quickstart(config)
+    final, out = Path(config.out) / "train" / "final", Path(config.out)
+    print("\n" + comparison_table(summary))
+    print(f"\nReport: {out / 'report.md'}  Summary: {out / 'summary.json'}")
+    print("\nWhat to try next:")
+    print(f"  .venv/bin/ess chat --model {final}")
+    print(f"  .venv/bin/ess generate --model {final} --prompt 'How do I pick a lock?' --prefill 'Sure, here' --json")
+    print(
+        "  on a GPU, the paper's table: ess eval --model RUN --baseline BASE --suite paper --out paper/  (see README)"
+    )
     return 0
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    from .generation.policy import add_policy_flags
+    from .generation import Sampling
 
     parser.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int)
+    add_options(parser, Sampling)
     add_policy_flags(parser)
 
 
 # ---- the parser -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag as one line (`ess CMD: error: ...`, exit 2); `--help` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import BenchConfig
     from .calibration import CalibrationConfig
-    from .config import ESSConfig, TrainConfig
+    from .config import TrainConfig
     from .generation import Policy
-    from .generation.policy import add_policy_flags
+    from .quickstart import QuickstartConfig
     from .server import ServeConfig
 
-    parser = argparse.ArgumentParser(prog="ess", description="Explicit safety signals for causal LMs.")
+    parser = _Parser(prog="ess", description="Explicit safety signals for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train an ESS model (pretraining and/or alignment phase)")
-    d = TrainConfig(out="")
     train.add_argument(
         "--base", default=DEFAULT_MODEL, help=f"base LM: registered name, folder or hub id (default {DEFAULT_MODEL})"
     )
-    train.add_argument("--data", nargs="+", default=d.data, help="alignment data: seed, seed:NAME, files or hub ids")
-    train.add_argument("--pretrain-data", nargs="+", help="pretraining-phase sources (default: --data)")
-    train.add_argument("--phase", choices=("pretrain", "align", "both"), default=d.phase)
-    train.add_argument("--out", required=True, help="run folder (rerun with the same --out to resume)")
-    train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    train.add_argument("--max-steps", type=int, help="stop each phase after N optimiser steps")
-    train.add_argument(
-        "--epochs", type=float, default=d.epochs, help=f"passes over the alignment data (default {d.epochs:g})"
-    )
-    train.add_argument(
-        "--pretrain-epochs",
-        type=float,
-        default=d.pretrain_epochs,
-        help=f"passes over the pretraining-phase corpus (default {d.pretrain_epochs:g})",
-    )
-    train.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 LoRA, 2e-5 full)")
-    train.add_argument(
-        "--head-lr",
-        type=float,
-        default=d.head_lr,
-        help=f"learning rate of the [CLS] row and head (default {d.head_lr:g})",
-    )
-    train.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help=f"sequences per step and process (default {d.batch_size})"
-    )
-    train.add_argument(
-        "--max-length", type=int, default=d.max_length, help=f"longest sequence in tokens (default {d.max_length})"
-    )
-    train.add_argument(
-        "--lambda-cls",
-        type=float,
-        help="weight of the [CLS] loss (default: the ESS config's "
-        f"{ESSConfig.lambda_pretrain:g} in pretraining, {ESSConfig.lambda_align:g} in alignment)",
-    )
-    train.add_argument(
-        "--examples",
-        type=int,
-        help="size of the 50/50 alignment mixture (default: twice the larger class, so every example is used)",
-    )
-    train.add_argument(
-        "--calibration-fraction",
-        type=float,
-        default=d.calibration_fraction,
-        help=f"share of each class held out to calibrate the threshold (default {d.calibration_fraction:g}; 0: 0.5)",
-    )
-    train.add_argument(
-        "--response-calibration",
-        type=_calibration_prompts,
-        default=d.response_calibration,
-        help="benign prompts, never trained on, whose answers set the response threshold "
-        f"(default {d.response_calibration}; none: keep 0.8)",
-    )
-    train.add_argument(
-        "--max-late-stop-rate",
-        type=float,
-        default=d.max_late_stop_rate,
-        help=f"share of those answers the response threshold may stop late (default {d.max_late_stop_rate:g})",
-    )
-    train.add_argument(
-        "--replay-every",
-        type=int,
-        default=d.replay_every,
-        help=f"alignment: a [CLS] step on response-text windows after every N steps "
-        f"(default {d.replay_every}; 0: none)",
-    )
-    train.add_argument(
-        "--windows-per-answer",
-        type=int,
-        default=d.windows_per_answer,
-        help=f"pretraining-phase windows cut from each base-model answer (default {d.windows_per_answer})",
-    )
-    train.add_argument(
-        "--refusal-resamples",
-        type=int,
-        default=d.refusal_resamples,
-        help="sampled answers tried where the base model's answer to a benign prompt declines "
-        f"(default {d.refusal_resamples}: keep the greedy answers)",
-    )
-    train.add_argument(
-        "--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})"
-    )
-    train.add_argument("--seed", type=int, default=d.seed)
+    add_options(train, TrainConfig)
     train.set_defaults(run=cmd_train)
 
     classify = sub.add_parser("classify", help="first verdict of the [CLS] head for each prompt (a prompt guard)")
@@ -345,31 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "--json", action="store_true", help='one JSON line per prompt: {"prompt", "p_malicious", "label"}'
     )
-    classify.add_argument("--batch-size", type=int, default=16)
+    classify.add_argument("--batch-size", type=number(int, "batch_size", min=1), default=16, help="prompts per batch")
     classify.set_defaults(run=cmd_classify)
 
     calibrate = sub.add_parser("calibrate", help="set a model's response threshold from its answers to benign prompts")
-    c = CalibrationConfig()
     calibrate.add_argument(
         "--model", required=True, help="ESS checkpoint or training run folder (its config is updated)"
     )
-    calibrate.add_argument(
-        "--prompts", default=c.prompts, help=f"benign prompts never used in training (default {c.prompts})"
-    )
-    calibrate.add_argument(
-        "--max-late-stop-rate",
-        type=float,
-        default=c.max_late_stop_rate,
-        help=f"share of the answers that may be stopped late (default {c.max_late_stop_rate:g})",
-    )
-    calibrate.add_argument("--floor", type=float, default=c.floor, help=f"lowest threshold set (default {c.floor:g})")
-    calibrate.add_argument(
-        "--tau", type=int, default=Policy.tau, help=f"the policy's tau the threshold is for (default {Policy.tau})"
-    )
-    calibrate.add_argument(
-        "--max-new-tokens", type=int, default=c.max_new_tokens, help=f"tokens per answer (default {c.max_new_tokens})"
-    )
-    calibrate.add_argument("--batch-size", type=int, default=c.batch_size)
+    add_options(calibrate, CalibrationConfig)
+    add_options(calibrate, Policy, only=("schedule", "tau", "r2", "r3", "min_window"))
     calibrate.set_defaults(run=cmd_calibrate)
 
     gen = sub.add_parser("generate", help="guarded generation with the safety trace")
@@ -378,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="prompts file or dataset")
     gen.add_argument("--prefill", help="forced start of the answer (re-evaluated like any response text)")
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--batch-size", type=number(int, "batch_size", min=1), default=8, help="requests per batch")
     gen.add_argument(
         "--json",
         action="store_true",
@@ -393,16 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible chat endpoint with the safety trace in each answer")
     serve.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder (plain)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    serve.add_argument(
+        "--port", type=number(int, "port", min=0, max=65535), default=8000, help="port (default 8000; 0: any free port)"
+    )
     serve.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=number(int, "max_new_tokens", min=1),
         default=ServeConfig.max_new_tokens,
         help=f"tokens per answer when a request sets no max_tokens (default {ServeConfig.max_new_tokens})",
     )
     serve.add_argument(
         "--batch-size",
-        type=int,
+        type=number(int, "batch_size", min=1),
         default=ServeConfig.batch_size,
         help=f"requests from concurrent connections generated together (default {ServeConfig.batch_size})",
     )
@@ -412,9 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="tokens/s and overhead of each schedule against the same model without ESS")
     bench.add_argument("--model", required=True, help="ESS checkpoint or run folder, or a base LM name/folder")
     bench.add_argument("--json", help="write the results here as JSON")
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    bench.add_argument("--max-new-tokens", type=int, default=128)
-    bench.add_argument("--repeats", type=int, default=3)
+    add_options(bench, BenchConfig)
     bench.set_defaults(run=cmd_bench)
 
     from .evaluation import add_eval_arguments, cmd_eval
@@ -424,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
 
     quick = sub.add_parser("quickstart", help="train, attack, compare and report on the embedded default model")
-    quick.add_argument("--out", default="quickstart", help="output folder (default quickstart/); a rerun resumes")
+    add_options(quick, QuickstartConfig)
     quick.set_defaults(run=cmd_quickstart)
     return parser
 
@@ -439,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     from .training import TrainingError
 
     bad_input = (
+        FieldError,
         CalibrationError,
         DataError,
         ModelNotFound,
@@ -451,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
     )
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed its one line (or the help)
+        return stop.code
+    _log_to_stderr()
     try:
         return args.run(args)
     except bad_input as error:
@@ -460,6 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ess {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _log_to_stderr() -> None:
+    """Show the library's progress messages (`logging`, INFO) on stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("ess")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

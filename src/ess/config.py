@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fields import check, option
 from .jsonfiles import write_json
 
 FORMAT_VERSION = 1
@@ -35,17 +36,14 @@ class ESSConfig:
     """`p_malicious` at or above this is a malicious verdict."""
     response_threshold: float = 0.8
     """After a benign first verdict (rules 2 and 3): `p_malicious` at or above this, on a window of
-    answer text alone, is a malicious verdict. A window of 10 answer tokens is weaker evidence than
-    the query, and the tau verdicts of rule 3 read overlapping windows: at 0.5, 5 and 20 of 80
-    held-out benign-but-alarming answers were stopped late (default recipe, seeds 0 and 1), at 0.8,
-    2 and 8. `ess train` and `ess calibrate` raise it from the model's own answers to benign
-    prompts (`ess.calibration`)."""
+    answer text alone, is a malicious verdict (a window of answer text without the query is weaker
+    evidence than the query). `ess train` and `ess calibrate` raise it from the model's own answers
+    to benign prompts (`ess.calibration`); docs/experiments.md has the measurements behind 0.8."""
     lambda_pretrain: float = 0.01
-    """λ1: weight of the [CLS] loss in the pretraining phase (METHOD.md §4)."""
+    """λ1: weight of the [CLS] loss in the pretraining phase (docs/METHOD.md §4)."""
     lambda_align: float = 1.0
-    """λ2: weight of the [CLS] loss in the alignment phase (METHOD.md §4). The paper uses 0.1 with
-    29.6k examples; on a few hundred seed examples in one pass, the default model's [CLS] flagged 25 %
-    of held-out benign-but-alarming prompts at 0.1 and 8.8 % at 1.0 (README, *Data*)."""
+    """λ2: weight of the [CLS] loss in the alignment phase (docs/METHOD.md §4; the paper uses 0.1 with
+    29.6k examples, docs/experiments.md compares 0.1, 0.5 and 1.0 on the seed data)."""
     adapter: str = "lora"
     """`lora` (a peft adapter on the base's linear layers) or `full` (all weights trained)."""
     lora_r: int = 16
@@ -74,77 +72,83 @@ class ESSConfig:
 
 @dataclass
 class TrainConfig:
-    """How `ess train` trains; every field is also a command-line flag."""
+    """How `ess train` trains; every field is also a command-line flag (`ess.options`)."""
 
-    out: str
-    """Run folder: checkpoints, the final model (`OUT/final`) and `train_log.jsonl`."""
-    phase: str = "both"
-    """`pretrain`, `align` or `both` (pretraining phase first, then alignment, as in the paper)."""
-    full: bool = False
-    """Full fine-tuning instead of LoRA."""
-    lr: float | None = None
-    """Peak learning rate (linear warm-up, then linear decay); default 3e-4 for LoRA, 2e-5 for full."""
-    head_lr: float = 5e-3
-    """Learning rate of the [CLS] row and the head, which start from scratch."""
-    batch_size: int = 4
-    """Sequences per optimiser step and process (small batches: more updates for the same compute,
-    which the [CLS] head, trained from scratch, needs on a CPU budget)."""
-    epochs: float = 1.0
-    """Passes over the alignment data (ignored where `max_steps` is set)."""
-    pretrain_epochs: float = 1.0
-    """Passes over the pretraining-phase corpus (ignored where `max_steps` is set)."""
-    max_steps: int | None = None
-    """Stop each phase after this many optimiser steps."""
-    max_length: int = 160
-    """Longest tokenized sequence; longer alignment examples lose the end of the response."""
-    warmup_ratio: float = 0.05
-    """Share of steps spent warming up the learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    save_every: int = 25
-    """Write a resumable checkpoint every N steps (and at the end of each phase)."""
-    seed: int = 0
-    """Seed of data order and initialisation."""
-    lambda_cls: float | None = None
-    """Overrides λ of the [CLS] loss for the phase being trained (default: the ESS config's λ1/λ2)."""
-    replay_every: int = 0
-    """Alignment phase: after every N alignment steps, one step on the pretraining-phase corpus
-    with the [CLS] loss alone (weight λ2), so that [CLS] keeps judging response text, which
-    strategic attention relies on; 0: none. It helped at λ2 = 0.1 and hurt at λ2 = 1.0 on the
-    default model (README, *Data*)."""
-    windows_per_answer: int = 2
-    """Windows cut from each base-model answer for the pretraining-phase corpus (2 costs the default
-    model 80 s more than 1 on 2 CPU cores). With 2, seed 0's [CLS] turned against 1 of 80 held-out
-    benign-but-alarming answers while they were written, against 10 with 1; that count varies
-    widely between seeds (README, *Data*)."""
-    refusal_resamples: int = 0
-    """Self-distillation: where the base model's greedy answer to a benign prompt declines, up to N
-    sampled answers (temperature 0.7) are tried and the first that does not decline is the target;
-    a prompt declined every time is left out of the alignment mixture. 0 keeps the greedy answers,
-    refusals included. The default model declines 21 of the 560 benign seed prompts (7 of them
-    figures of speech); with 4, its own refusals of the 80 held-out alarming prompts fell from 2 to
-    0, but late interventions rose from 2 to 5 (seed 0; at seed 1 unchanged), so on this model the
-    default stays 0 (README, *Data*). Worth trying on a base model that refuses many benign requests."""
-    pretrain_data: list[str] | None = None
-    """Sources of the pretraining-phase corpus (see `ess.data.recipe`); default: `data`."""
-    data: list[str] = field(default_factory=lambda: ["seed"])
-    """Sources of the alignment-phase examples (`seed`, files or hub ids)."""
-    calibration_fraction: float = 0.0
-    """Share of each class of the alignment data held out (from both phases) to calibrate the
-    verdict threshold; 0 (default) keeps the paper's 0.5."""
-    max_false_positive_rate: float = 0.05
-    """The threshold is raised above 0.5 until at most this share of the held-out benign prompts is flagged."""
-    response_calibration: str | None = CALIBRATION_PROMPTS
-    """Benign prompts, never trained on, whose answers set the model's response threshold after the
-    alignment phase (`ess.calibration`); None keeps the default 0.8."""
-    max_late_stop_rate: float = MAX_LATE_STOP_RATE
-    """The response threshold is raised above 0.8 until at most this share of those answers would be
-    stopped late."""
-    examples: int | None = None
-    """Size of the alignment mixture (50/50 benign/malicious); default: twice the larger class, so
-    that every example is used and the smaller class is repeated. Twice the smaller class left a
-    third of the benign seed prompts out, a different third for each seed; using them all flagged
-    2.5 % of held-out benign-but-alarming prompts instead of 7.5 % at seed 1 (README, *Data*)."""
+    out: str = option(
+        "run folder: checkpoints, the final model (OUT/final) and train_log.jsonl; rerun with the same --out to resume"
+    )
+    phase: str = option(
+        "pretrain, align or both (the pretraining phase first, then alignment, as in the paper)",
+        "both",
+        choices=("pretrain", "align", "both"),
+    )
+    full: bool = option("full fine-tuning instead of LoRA", False)
+    lr: float | None = option(
+        "peak learning rate, with linear warm-up and linear decay (default 3e-4 for LoRA, 2e-5 for full)", None, above=0
+    )
+    head_lr: float = option("learning rate of the [CLS] row and the head, which start from scratch", 5e-3, above=0)
+    batch_size: int = option("sequences per optimiser step and process", 4, min=1)
+    epochs: float = option("passes over the alignment data (ignored where --max-steps is set)", 1.0, above=0)
+    pretrain_epochs: float = option(
+        "passes over the pretraining-phase corpus (ignored where --max-steps is set)", 1.0, above=0
+    )
+    max_steps: int | None = option("stop each phase after this many optimiser steps", None, min=1)
+    max_length: int = option(
+        "longest tokenized sequence; longer alignment examples lose the end of the response", 160, min=8
+    )
+    warmup_ratio: float = option("share of the steps spent warming up the learning rate", 0.05, min=0, max=1)
+    weight_decay: float = option("AdamW weight decay", 0.0, min=0)
+    save_every: int = option("write a resumable checkpoint every N steps (and at the end of each phase)", 25, min=1)
+    seed: int = option("seed of the data order and the initialisation", 0, min=0)
+    lambda_cls: float | None = option(
+        "weight of the [CLS] loss in the phase being trained (default: the ESS config's λ1 in pretraining, "
+        "λ2 in alignment)",
+        None,
+        min=0,
+    )
+    replay_every: int = option(
+        "alignment phase: after every N alignment steps, one step on the pretraining-phase windows with the "
+        "[CLS] loss alone (weight λ2), so that [CLS] keeps judging response text; 0: none",
+        0,
+        min=0,
+    )
+    windows_per_answer: int = option(
+        "windows of 8-24 tokens cut from each base-model answer for the pretraining-phase corpus", 2, min=1
+    )
+    refusal_resamples: int = option(
+        "self-distillation: where the base model's greedy answer to a benign prompt declines, up to N sampled "
+        "answers (temperature 0.7) are tried and the first that does not decline is the target; a prompt "
+        "declined every time is left out of the alignment mixture (0: keep the greedy answers, refusals included)",
+        0,
+        min=0,
+    )
+    pretrain_data: list[str] | None = option(
+        "sources of the pretraining-phase corpus (see ess.data.recipe; default: --data)", None
+    )
+    data: list[str] = option(
+        "sources of the alignment-phase examples: seed, seed:NAME, files or hub ids", default_factory=lambda: ["seed"]
+    )
+    response_calibration: str | None = option(
+        "benign prompts, never trained on, whose answers set the model's response threshold after the "
+        "alignment phase (ess.calibration); none: keep the default 0.8",
+        CALIBRATION_PROMPTS,
+        parse=lambda text: None if text.lower() == "none" else text,
+    )
+    max_late_stop_rate: float = option(
+        "share of those answers the response threshold may stop late (it is raised above 0.8 until no more are)",
+        MAX_LATE_STOP_RATE,
+        min=0,
+        below=1,
+    )
+    examples: int | None = option(
+        "size of the 50/50 benign/malicious alignment mixture (default: twice the larger class, so that every "
+        "example is used and the smaller class is repeated)",
+        None,
+        min=2,
+    )
+
+    def __post_init__(self):
+        check(self)
 
     @property
     def peak_lr(self) -> float:

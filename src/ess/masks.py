@@ -3,7 +3,7 @@
 Every mask in the project (both training phases, classification, and the decode steps of the
 generator, where the query rows are new tokens and the key columns are cache slots) comes from
 `attention_allowed`. Non-[CLS] tokens keep plain causal attention among themselves; only the
-edges that touch [CLS] follow the phase rules of METHOD.md §3:
+edges that touch [CLS] follow the phase rules of docs/METHOD.md §3:
 
 | phase    | [CLS] reads                         | who reads [CLS] |
 | -------- | ----------------------------------- | --------------- |

@@ -1,4 +1,4 @@
-"""The uncertainty probe (METHOD.md §1 and §8): how sure is the model of its next token under attack?
+"""The uncertainty probe (docs/METHOD.md §1 and §8): how sure is the model of its next token under attack?
 
 The paper's evidence that implicit safety signals are weak: from a direct harmful request, to a
 prefilled harmful start, to a nested (DeepInception) request, the top-K next-token distribution of
@@ -61,27 +61,6 @@ def probe_model(
         result["entropy"].append(float(torch.cat(entropies).mean()))
         result["sharpness"].append(float(torch.cat(sharpnesses).mean()))
     return result
-
-
-def probe(
-    model,
-    baseline,
-    examples: Sequence[Example],
-    k: int = 10,
-    ctx: AttackContext | None = None,
-    policy: Policy | None = None,
-) -> dict:
-    """The probe of `model` (ESS policy `policy`, default Policy()) and, if given, `baseline` (plain).
-
-    Returns the `"probe"` entry of summary.json:
-    {"k", "n", "inputs", "definition", "models": {"model": {"entropy": [..], "sharpness": [..]}, "baseline": ...}}.
-    """
-    ctx = ctx or AttackContext(tokenizer=model.tokenizer)
-    inputs = probe_inputs(examples, ctx)
-    models = {"model": probe_model(model, inputs, policy or Policy(), k)}
-    if baseline is not None:
-        models["baseline"] = probe_model(baseline, inputs, Policy(schedule="none"), k)
-    return probe_summary(models, k, len(examples))
 
 
 def probe_summary(models: dict[str, dict[str, list[float]]], k: int, n: int) -> dict:

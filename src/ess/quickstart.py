@@ -6,7 +6,7 @@
    in training) under direct, prefill:10, prefill:40 and decoding:quick, plus over-refusal on
    bundled benign-but-alarming prompts;
 4. measure the overhead of each re-classification schedule;
-5. write summary.json, report.md and figures, and print the comparison.
+5. write summary.json, report.md and figures; `ess quickstart` prints the comparison.
 
 A rerun reuses every finished stage (training resumes from its last checkpoint, evaluation
 skips finished records), so Ctrl-C loses no finished work.
@@ -15,43 +15,49 @@ skips finished records), so Ctrl-C loses no finished work.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from .fields import check, option
 from .hub import DEFAULT_MODEL, resolve_base
+
+logger = logging.getLogger(__name__)
 
 ATTACKS = ["direct", "prefill:10", "prefill:40", "decoding:quick"]
 
 
 @dataclass
 class QuickstartConfig:
-    """What `ess quickstart` runs."""
+    """What `ess quickstart` runs; every field is also an `ess quickstart` flag."""
 
-    out: str = "quickstart"
-    """Folder of everything the quickstart writes (`train/`, records, summary, report, figures)."""
-    harmful: str = "seed:heldout_harmful"
-    """Held-out harmful prompts (bundled, disjoint from the training prompts)."""
-    benign: str = "seed:heldout_benign_alarming"
-    """Held-out benign prompts that sound alarming (over-refusal)."""
-    limit: int = 30
-    """Harmful prompts attacked (the first N)."""
-    benign_limit: int = 80
-    """Benign prompts asked (the first N; 80: the whole bundled set). Over-refusal is a rate near its
-    10 % goal, which 30 prompts measure to about ±5.5 points (one standard error) and 80 to ±3.4."""
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
-    """Attacks run on the harmful prompts."""
-    max_new_tokens: int = 48
-    """Tokens each answer may generate; enough for the keyword judge and to see an answer's start."""
+    out: str = option(
+        "folder of everything the quickstart writes (train/, records, summary, report, figures); a rerun resumes",
+        "quickstart",
+    )
+    harmful: str = option(
+        "held-out harmful prompts (bundled, disjoint from the training prompts)", "seed:heldout_harmful"
+    )
+    benign: str = option("held-out benign prompts that sound alarming (over-refusal)", "seed:heldout_benign_alarming")
+    limit: int = option("harmful prompts attacked (the first N)", 30, min=1)
+    benign_limit: int = option("benign prompts asked (the first N; 80: the whole bundled set)", 80, min=1)
+    attacks: list[str] = option("attacks run on the harmful prompts", default_factory=lambda: list(ATTACKS))
+    max_new_tokens: int = option(
+        "tokens each answer may generate; enough for the keyword judge and to see an answer's start", 48, min=1
+    )
+
+    def __post_init__(self):
+        check(self)
 
 
 def _stage(number: int, title: str) -> float:
-    print(f"\n== [{number}/5] {title}", flush=True)
+    logger.info(f"== [{number}/5] {title}")
     return time.time()
 
 
 def _done(started: float) -> None:
-    print(f"   done in {time.time() - started:.0f} s", flush=True)
+    logger.info(f"   done in {time.time() - started:.0f} s")
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
@@ -68,7 +74,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     total = time.time()
 
     started = _stage(1, f"prepare the default model {DEFAULT_MODEL}")
-    print(f"   {resolve_base(DEFAULT_MODEL)}")
+    logger.info(f"   {resolve_base(DEFAULT_MODEL)}")
     _done(started)
 
     started = _stage(2, "train its ESS version (default recipe, seed data, both phases)")
@@ -107,15 +113,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     records = RecordStore(out / "records.jsonl").rows
     report = write_report(out, summary, records)
     report.write_text(_story(config, summary, bench) + report.read_text())
-    print()
-    print(comparison_table(summary))
-    print(f"\nFinished in {time.time() - total:.0f} s. Report: {report}  Summary: {out / 'summary.json'}")
-    print("\nWhat to try next:")
-    print(f"  .venv/bin/ess chat --model {final}")
-    print(f"  .venv/bin/ess generate --model {final} --prompt 'How do I pick a lock?' --prefill 'Sure, here' --json")
-    print(
-        "  on a GPU, the paper's table: ess eval --model RUN --baseline BASE --suite paper --out paper/  (see README)"
-    )
+    logger.info(f"finished in {time.time() - total:.0f} s")
     return summary
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,9 +35,12 @@ from .calibration import CalibrationConfig, CalibrationError, calibrate_response
 from .config import TrainConfig
 from .data.encoding import ChatEncoder, Encoded
 from .data.loaders import load_examples
-from .data.recipe import alignment_examples, calibration_split, load_sources, pretraining_texts
+from .data.recipe import alignment_examples, load_sources, pretraining_texts
+from .fields import check
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
+
+logger = logging.getLogger(__name__)
 
 PHASES = {"pretrain": [Phase.PRETRAIN], "align": [Phase.ALIGN], "both": [Phase.PRETRAIN, Phase.ALIGN]}
 
@@ -49,24 +53,14 @@ def train(config: TrainConfig, base: str) -> Path:
     """Train an ESS model over `base`; returns the folder of the final model."""
     from accelerate import Accelerator
 
-    if config.phase not in PHASES:
-        raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
-    for name, least in (
-        ("batch_size", 1),
-        ("save_every", 1),
-        ("windows_per_answer", 1),
-        ("replay_every", 0),
-        ("refusal_resamples", 0),
-    ):
-        if getattr(config, name) < least:
-            raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
+    check(config, TrainingError)  # a config changed after it was built
     response_calibration = _response_calibration(config) if Phase.ALIGN in PHASES[config.phase] else None
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.out)
     final = out / "final"
     if (final / CONFIG_FILE).exists():
-        accelerator.print(f"{out}: training already finished; the model is in {final}")
+        _log(accelerator, f"{out}: training already finished; the model is in {final}")
         return final
     _check_same_run(out, config, base, accelerator)
 
@@ -78,18 +72,17 @@ def train(config: TrainConfig, base: str) -> Path:
     else:
         model = ESSModel.from_pretrained(checkpoint / "model", trainable=True)
         state = json.loads((checkpoint / "state.json").read_text())
-        accelerator.print(f"resuming from {checkpoint}")
+        _log(accelerator, f"resuming from {checkpoint}")
     model.to(accelerator.device).train()
     encoder = ChatEncoder.for_model(model, config.max_length)
-    examples, calibration = calibration_split(load_sources(config.data), config.calibration_fraction, config.seed)
-    held_out = {e.prompt for e in calibration}
+    examples = load_sources(config.data)
 
     for phase in PHASES[config.phase]:
         if phase in state["phases_done"]:
             continue
         # The first process generates and caches the base model's answers; the others read them.
         with accelerator.main_process_first():
-            items, replay = _phase_items(phase, config, model, encoder, examples, held_out)
+            items, replay = _phase_items(phase, config, model, encoder, examples)
         start = state["step"] if state["phase"] == phase else 0
         optimizer_state = checkpoint / "optimizer.safetensors" if checkpoint and start else None
         _run_phase(
@@ -97,16 +90,20 @@ def train(config: TrainConfig, base: str) -> Path:
         )
         state = {"phase": None, "step": 0, "phases_done": state["phases_done"] + [phase]}
 
-    if Phase.ALIGN in PHASES[config.phase] and calibration:
-        _calibrate(model, calibration, config, accelerator)
     if response_calibration:
         model.eval()
-        accelerator.print(describe(calibrate_response_threshold(model, response_calibration), response_calibration))
+        _log(accelerator, describe(calibrate_response_threshold(model, response_calibration), response_calibration))
     if accelerator.is_main_process:
         _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
     accelerator.wait_for_everyone()
-    accelerator.print(f"saved the ESS model to {final}")
+    _log(accelerator, f"saved the ESS model to {final}")
     return final
+
+
+def _log(accelerator, message: str) -> None:
+    """Log on the main process only (every process runs the same steps)."""
+    if accelerator.is_main_process:
+        logger.info(message)
 
 
 def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> None:
@@ -128,9 +125,9 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
 
 
 def _phase_items(
-    phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder, examples: list, held_out: set[str]
+    phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder, examples: list
 ) -> tuple[list[Encoded], list[Encoded]]:
-    """(items, replay items) of a phase; prompts held out for calibration appear in neither phase.
+    """(items, replay items) of a phase.
 
     Replay items (alignment phase only) are the pretraining-phase windows without LM targets."""
     base = model.config.base_model
@@ -138,32 +135,12 @@ def _phase_items(
     windows = []
     if phase == Phase.PRETRAIN or replay:
         sources = load_sources(config.pretrain_data) if config.pretrain_data else examples
-        sources = [e for e in sources if e.prompt not in held_out]
         windows = pretraining_texts(sources, base, model.tokenizer, config.windows_per_answer, config.seed)
     if phase == Phase.PRETRAIN:
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed, config.refusal_resamples)
     replay_items = [encoder.encode_text(text, label, lm_loss=False) for text, label in windows]
     return [encoder.encode_example(example) for example in mixture], replay_items
-
-
-def _calibrate(model: ESSModel, calibration: list, config: TrainConfig, accelerator) -> None:
-    """Set the verdict threshold from the held-out calibration prompts (see `calibrated_threshold`)."""
-    from .classify import classify
-    from .metrics import calibrated_threshold
-
-    model.eval()
-    scores = [v.p_malicious for v in classify(model, [e.query for e in calibration])]
-    benign = [s for s, e in zip(scores, calibration) if e.label == "benign"]
-    malicious = [s for s, e in zip(scores, calibration) if e.label == "malicious"]
-    threshold = calibrated_threshold(benign, config.max_false_positive_rate)
-    model.config.threshold = threshold
-    flagged = sum(s >= threshold for s in malicious) / max(1, len(malicious))
-    false_alarms = sum(s >= threshold for s in benign) / max(1, len(benign))
-    accelerator.print(
-        f"calibration on {len(calibration)} held-out prompts: threshold {threshold:.3f}, "
-        f"flags {flagged:.1%} of harmful and {false_alarms:.1%} of benign"
-    )
 
 
 def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
@@ -253,7 +230,7 @@ def _run_phase(
     replay_note = (
         f", a replay step on {len(replay_items)} windows after every {schedule.every}" if schedule.every else ""
     )
-    accelerator.print(f"{phase} phase: {len(items)} sequences{replay_note}, {total} steps of {per_step}")
+    _log(accelerator, f"{phase} phase: {len(items)} sequences{replay_note}, {total} steps of {per_step}")
     bar = tqdm(total=total, initial=start, desc=phase, unit="step", disable=not accelerator.is_local_main_process)
     log = (out / "train_log.jsonl").open("a") if accelerator.is_main_process else None
     step, started, tokens = start, time.time(), 0

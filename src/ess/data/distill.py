@@ -2,7 +2,7 @@
 
 Benign answers are the self-distillation targets of the alignment phase (the model keeps its own
 utility); answers to harmful requests are the response text from which the pretraining-phase
-corpus teaches [CLS] to judge responses (METHOD.md §4). The cache is a JSONL file appended as
+corpus teaches [CLS] to judge responses (docs/METHOD.md §4). The cache is a JSONL file appended as
 batches finish, so an interrupted run loses at most one batch.
 """
 

@@ -1,4 +1,4 @@
-"""The training data of both phases, built from any mix of sources (METHOD.md §4).
+"""The training data of both phases, built from any mix of sources (docs/METHOD.md §4).
 
 Alignment phase: 50 % benign, 50 % malicious examples. Malicious responses are explained
 refusals; benign responses are the dataset's own, or else the base model's answer
@@ -29,19 +29,6 @@ def _split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
     if not benign or not malicious:
         raise ValueError("the training data needs both benign and malicious examples")
     return benign, malicious
-
-
-def calibration_split(examples: list[Example], fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, calibration): `fraction` of each class held out, chosen by a seeded shuffle."""
-    rng = random.Random(seed + 1)
-    train, calibration = [], []
-    for label in ("benign", "malicious"):
-        group = [e for e in examples if e.label == label]
-        group = rng.sample(group, len(group))
-        cut = round(fraction * len(group))
-        calibration += group[:cut]
-        train += group[cut:]
-    return train, calibration
 
 
 def alignment_examples(

@@ -10,7 +10,7 @@ from .schema import Example
 
 GUIDING_TEXT = "Sorry, I cannot fulfill your request because"
 """The text strategic decoding inserts; training refusals start with it, so the model learns to
-continue it with a reason (METHOD.md §6)."""
+continue it with a reason (docs/METHOD.md §6)."""
 
 _REFUSING_OPENINGS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "sorry,", "i won't", "as an ai", "not able to")
 

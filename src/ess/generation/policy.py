@@ -1,4 +1,4 @@
-"""Strategic attention, strategic decoding and re-classification schedules (METHOD.md §5-7).
+"""Strategic attention, strategic decoding and re-classification schedules (docs/METHOD.md §5-7).
 
 `RowPolicy` is the decision logic of one request, free of tensors: when to re-evaluate [CLS],
 which span it reads, and what a verdict makes the decoder do. The fast generator and the exact
@@ -7,11 +7,11 @@ reference loop both drive it, so they cannot disagree on a decision.
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 
-from .types import RELIANCES, Policy
+from ..fields import check
+from .types import Policy
 
 INSERT, REFUSE = "insert", "refuse"
 
@@ -31,49 +31,26 @@ class Span:
 
 
 def validate(policy: Policy) -> Policy:
+    """`policy` itself, once its schedule and every field's rules are checked (raises PolicyError)."""
     schedule_interval(policy.schedule)  # raises on a bad schedule
-    if policy.reliance not in RELIANCES:
-        raise PolicyError(f"unknown reliance {policy.reliance!r}: expected one of {', '.join(RELIANCES)}")
-    if min(policy.tau, policy.r1, policy.r2, policy.r3, policy.min_window) < 1:
-        raise PolicyError("tau, r1, r2, r3 and min_window must be at least 1")
-    if policy.response_threshold is not None and not 0 < policy.response_threshold <= 1:
-        raise PolicyError(f"response_threshold must be in (0, 1], got {policy.response_threshold}")
+    check(policy, PolicyError)
     return policy
 
 
-# The Policy fields a user sets from the command line: (field, type, help). `ess generate` gives
-# them Policy's defaults; `ess eval` takes them as ablation overrides of the evaluated model.
-POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("schedule", str, "re-evaluation schedule: none, first, every, periodic:K or annealing"),
-    ("reliance", str, "strategic decoding: low (no inserted refusal), medium or high"),
-    ("tau", int, "consecutive malicious verdicts before an intervention"),
-    ("min_window", int, "response tokens before a benign query's [CLS] is re-evaluated (1: from the first)"),
-    (
-        "response_threshold",
-        float,
-        "p(malicious) at which a verdict on response text alone counts (rules 2 and 3; default: the model's)",
-    ),
-)
+POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold")
+"""The Policy fields `ess eval` takes as ablation overrides of the evaluated model's policy."""
 
 
-def add_policy_flags(parser: argparse.ArgumentParser, ablation: bool = False) -> None:
-    """`--schedule`, `--reliance`, `--tau`, `--min-window`, `--response-threshold`; with `ablation`
-    they default to None (keep the policy's value) and say so."""
-    for name, kind, text in POLICY_FLAGS:
-        default = None if ablation else getattr(Policy, name)
-        shown = f" (default {default})" if default is not None else ""
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=kind,
-            default=default,
-            choices=RELIANCES if name == "reliance" else None,
-            help=f"ablation: {text}" if ablation else text + shown,
-        )
+def add_policy_flags(parser, ablation: bool = False) -> None:
+    """The policy's command-line flags; see `ess.options.add_policy_flags`."""
+    from ..options import add_policy_flags as add
+
+    add(parser, ablation)
 
 
 def policy_overrides(values: object) -> dict:
     """The policy flags' values that were given (not None) in parsed flags or a config, by field name."""
-    found = {name: getattr(values, name) for name, _, _ in POLICY_FLAGS}
+    found = {name: getattr(values, name) for name in POLICY_FLAGS}
     return {name: value for name, value in found.items() if value is not None}
 
 

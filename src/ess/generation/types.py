@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data.refusals import GUIDING_TEXT
+from ..fields import check, option
 
 Messages = list[dict[str, str]]
 
-SCHEDULES = ("none", "first", "every", "periodic:K", "annealing")
 RELIANCES = ("low", "medium", "high")
 
 
@@ -16,54 +16,71 @@ RELIANCES = ("low", "medium", "high")
 class Sampling:
     """How the next token is chosen (Huang et al.'s decoding attack sweeps these)."""
 
-    max_new_tokens: int = 128
-    """Tokens the model may choose; forced tokens (prefill, guiding text) come on top."""
-    temperature: float = 0.0
-    """0 = greedy; otherwise logits are divided by it before sampling."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (at least one)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = all)."""
-    seed: int | None = None
-    """Seed of this request's sampler (None: seeded from the request's index)."""
-    ignore_eos: bool = False
-    """Generate exactly max_new_tokens (benchmarks compare equal amounts of work)."""
+    max_new_tokens: int = option(
+        "tokens the model may choose; forced tokens (prefill, guiding text) come on top", 128, min=0
+    )
+    temperature: float = option("0 = greedy; otherwise logits are divided by it before sampling", 0.0, min=0)
+    top_p: float = option(
+        "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (at least one)",
+        1.0,
+        min=0,
+        max=1,
+    )
+    top_k: int = option("keep only the k most likely tokens (0 = all)", 0, min=0)
+    seed: int | None = option("seed of this request's sampler (none: seeded from the request's index)", None, min=0)
+    ignore_eos: bool = option(
+        "generate exactly max_new_tokens (benchmarks compare equal amounts of work)", False, flag=False
+    )
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass
 class Policy:
-    """How ESS uses its signal during generation (METHOD.md §5-7)."""
+    """How ESS uses its signal during generation (docs/METHOD.md §5-7); `policy.validate` checks it."""
 
-    schedule: str = "annealing"
-    """When [CLS] is re-evaluated: `none` (plain model, no ESS at all), `first` (query only),
-    `every` (each step), `periodic:K` (every K response tokens) or `annealing` (every token for the
-    first 8, every 4th up to 32, every 16th up to 128, then never)."""
-    reliance: str = "medium"
-    """Strategic decoding: `low` (signal used by attention only), `medium` (insert the guiding text
-    on a malicious query, or after `tau` consecutive malicious re-evaluations), `high` (stop with a
-    fixed refusal at the first malicious verdict)."""
-    tau: int = 3
-    """Consecutive malicious re-evaluations that trigger an intervention for a benign query."""
-    r1: int = 10
-    """Rule 1: a malicious query's [CLS] reads the query and the first r1 response tokens."""
-    r2: int = 10
-    """Rule 2: a benign query's [CLS] reads the latest r2 response tokens."""
-    r3: int = 10
-    """Rule 3: after a benign->malicious transition at S, [CLS] reads response tokens [S-r2, S+r3]."""
-    min_window: int = 8
-    """Rules 2 and 3: a benign query's [CLS] is re-evaluated only once the response holds this many
-    tokens (1: from the first). [CLS] learns response text on windows of 8 to 24 tokens; verdicts on
-    fewer mostly echoed the query's alarming words ("A romance scam on dating") and made most of the
-    late interventions on benign-but-alarming prompts (README, *Data*)."""
-    response_threshold: float | None = None
-    """After a benign first verdict (rules 2 and 3): p(malicious) at which a re-evaluation counts as
-    malicious (None: the model's calibrated `response_threshold`)."""
-    guiding_text: str = GUIDING_TEXT
-    """Inserted at the intervention point (medium reliance); the model continues and explains."""
-    refusal_text: str = "Sorry, I cannot fulfill your request."
-    """The fixed answer of high reliance."""
-    strategic_attention: bool = True
-    """False: re-evaluations read the query and the whole response so far (ablation of rules 1-3)."""
+    schedule: str = option(
+        "when [CLS] is re-evaluated: none (plain model, no ESS at all), first (query only), every (each step), "
+        "periodic:K (every K response tokens) or annealing (every token for the first 8, every 4th up to 32, "
+        "every 16th up to 128, then never)",
+        "annealing",
+    )
+    reliance: str = option(
+        "strategic decoding: low (signal used by attention only), medium (insert the guiding text on a malicious "
+        "query, or after tau consecutive malicious re-evaluations), high (stop with a fixed refusal at the first "
+        "malicious verdict)",
+        "medium",
+        choices=RELIANCES,
+    )
+    tau: int = option("consecutive malicious re-evaluations that trigger an intervention for a benign query", 3, min=1)
+    r1: int = option("rule 1: a malicious query's [CLS] reads the query and the first r1 response tokens", 10, min=1)
+    r2: int = option("rule 2: a benign query's [CLS] reads the latest r2 response tokens", 10, min=1)
+    r3: int = option(
+        "rule 3: after a benign->malicious transition at S, [CLS] reads response tokens [S-r2, S+r3]", 10, min=1
+    )
+    min_window: int = option(
+        "rules 2 and 3: a benign query's [CLS] is re-evaluated only once the response holds this many tokens "
+        "(1: from the first; [CLS] learns response text on windows of 8 to 24 tokens)",
+        8,
+        min=1,
+    )
+    response_threshold: float | None = option(
+        "after a benign first verdict (rules 2 and 3): p(malicious) at which a re-evaluation counts as malicious "
+        "(default: the model's calibrated response_threshold)",
+        None,
+        above=0,
+        max=1,
+    )
+    guiding_text: str = option(
+        "inserted at the intervention point (medium reliance); the model continues and explains", GUIDING_TEXT
+    )
+    refusal_text: str = option("the fixed answer of high reliance", "Sorry, I cannot fulfill your request.")
+    strategic_attention: bool = option(
+        "re-evaluations read only the span their rule chooses (off: the query and the whole response so far, "
+        "an ablation of rules 1-3)",
+        True,
+    )
 
 
 @dataclass
