@@ -2,7 +2,9 @@
 recipe, attacks the undefended and the ESS model, and reports. Then the trained model is checked
 as a prompt guard and as a guarded generator on held-out prompts that training never saw.
 
-Slow (about 20 minutes on 2 CPU cores). ESS_TEST_QUICKSTART_DIR reuses a finished run folder.
+Slow: from a fresh clone about 40 minutes on 2 CPU cores, most of it the quickstart's training,
+calibration and attacks; about 8 minutes with ESS_TEST_QUICKSTART_DIR naming a finished quickstart
+folder, which is then reused.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Checkpoint layout (`save_pretrained`), safetensors only:
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +115,8 @@ class ESSModel(nn.Module):
             from peft import PeftModel
 
             lm, _ = load_causal_lm(config.base_model, dtype)
-            lm = PeftModel.from_pretrained(lm, folder / "adapter", is_trainable=trainable)
+            with _peft_reads_a_deprecated_property():
+                lm = PeftModel.from_pretrained(lm, folder / "adapter", is_trainable=trainable)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         head_state = load_file(folder / HEAD_FILE)
         return cls(lm, tokenizer, config, head_state).to(lm.device)
@@ -232,4 +235,15 @@ def _add_lora(lm, config: ESSConfig):
         target_modules=config.lora_target_modules,
         bias="none",
     )
-    return get_peft_model(lm, lora)
+    with _peft_reads_a_deprecated_property():
+        return get_peft_model(lm, lora)
+
+
+@contextlib.contextmanager
+def _peft_reads_a_deprecated_property():
+    """peft (up to 0.21.2, the newest release) builds a `PeftModel` by reading the base model's
+    `is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning on every run;
+    the call is inside peft, so only that one warning is silenced, around the construction."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -25,8 +25,8 @@ replace, non_ascii), e.g. ``gcg:steps=20,width=64``; `:` separates items too, wh
 command line needs (``ess eval --attacks gcg:steps=20:width=64,direct``: the attack list is split
 at commas); ``target=`` takes the rest of the spec, separators included.
 
-The harness runs `build` for every prompt when it makes its work list, resumed runs included, so a
-resumed evaluation optimises the suffixes again (same seed, same result, same cost).
+GCG is a costly attack: the harness writes each optimised input to `attacked_inputs.jsonl` as it is
+built (`CostlyInputs`), and a resumed evaluation reuses those suffixes instead of optimising again.
 """
 
 from __future__ import annotations
