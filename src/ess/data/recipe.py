@@ -47,8 +47,7 @@ def alignment_examples(
     mixture = [replace(e, response=e.response or answers.get(e.prompt, "")) for e in benign]
     # The decision to refuse is [CLS]'s, made explicit by strategic decoding, which inserts the
     # guiding text; the LM learns the explanation that follows it, not to start refusals on its
-    # own. Trained on whole refusals, the default model refused 43 % of benign-but-alarming
-    # prompts by itself (quickstart, keyword judge), most with a low p(malicious).
+    # own (docs/experiments.md, 2026-11-23).
     mixture += [
         replace(e, response=explained_refusal(e, rng), meta={**e.meta, "forced_prefix": GUIDING_TEXT})
         for e in malicious
