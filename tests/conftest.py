@@ -1,7 +1,11 @@
-"""Shared fixtures: tiny random models of three families, and the embedded default model."""
+"""Shared fixtures: tiny random models of three families, the embedded default model, a local HTTP
+stub, and transformers' own greedy `generate` as the reference of plain generation."""
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,59 @@ def tiny_models(tmp_path_factory, default_model_dir) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> str:
     return tiny_models["llama"]
+
+
+@pytest.fixture
+def http_stub():
+    """`http_stub(respond)` starts a local JSON server and returns its API root `http://127.0.0.1:PORT/v1`;
+    each POST is answered by `respond(path, headers, body) -> (status, payload or None)`. Stopped after the test."""
+    servers = []
+
+    def start(respond) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, payload = respond(self.path, self.headers, body)
+                data = b"" if payload is None else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """`hf_greedy(model, prompts, max_new_tokens)`: the token ids transformers' `generate` chooses greedily
+    for each prompt (one user message, batched with left padding), cut before the first EOS."""
+
+    def reference(model, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+        tokenizer = model.tokenizer
+        tokenizer.padding_side = "left"
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            out = model.base_lm.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        eos = tokenizer.eos_token_id
+        rows = out[:, enc.input_ids.shape[1] :].tolist()
+        return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+    return reference

@@ -52,22 +52,11 @@ def test_default_model_cached_loop_is_exact(model):
         assert max(abs(t.p_malicious - u.p_malicious) for t, u in zip(a.trace, b.trace)) <= 1e-4
 
 
-def test_default_model_plain_mode_equals_hf_generate(model):
+def test_default_model_plain_mode_equals_hf_generate(model, hf_greedy):
     prompts = ["Name three colours of the rainbow.", "Write one sentence about the moon."]
     requests = [
         Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=24), policy=Policy(schedule="none"))
         for p in prompts
     ]
     ours = generate(model, requests, batch_size=2)
-    tokenizer = model.tokenizer
-    tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.base_lm.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    for generation, row in zip(ours, out[:, enc.input_ids.shape[1] :].tolist()):
-        expected = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
-        assert generation.token_ids == expected
+    assert [g.token_ids for g in ours] == hf_greedy(model, prompts, 24)

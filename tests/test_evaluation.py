@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -467,34 +465,16 @@ def test_gcg_suffixes_are_optimised_once_across_resumes(tiny_checkpoint, tiny_ll
     assert {r["model"] for r in again} == {"model", "baseline"}
 
 
-class _AlwaysNo(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
-        data = json.dumps({"choices": [{"message": {"content": "no"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @needs_data
 @pytest.mark.slow
 def test_another_judge_rejudges_stored_answers_without_generating(
-    finished_run, tiny_checkpoint, tiny_llama, tmp_path, monkeypatch
+    finished_run, tiny_checkpoint, tiny_llama, tmp_path, monkeypatch, http_stub
 ):
     out = _copy_run(finished_run[0], tmp_path)
     monkeypatch.setattr(ess.generation, "generate", lambda *a, **k: pytest.fail("no generation for a new judge"))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _AlwaysNo)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        options = {"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1", "model": "judge"}
-        summary = run_eval(_config(tiny_checkpoint, tiny_llama, out, judge="endpoint", judge_options=options))
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    always_no = http_stub(lambda path, headers, body: (200, {"choices": [{"message": {"content": "no"}}]}))
+    options = {"base_url": always_no, "model": "judge"}
+    summary = run_eval(_config(tiny_checkpoint, tiny_llama, out, judge="endpoint", judge_options=options))
     for entry in summary["models"].values():
         assert all(r == {"asr": 0.0, "n": LIMIT, "judge": "endpoint:judge"} for r in entry["attacks"].values())
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

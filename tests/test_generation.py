@@ -113,26 +113,15 @@ def test_reevaluation_is_read_by_later_tokens(tiny_llama):
         assert (never[i] - once[i]).abs().max() > 1e-4
 
 
-def test_plain_mode_equals_hf_generate(tiny_llama):
+def test_plain_mode_equals_hf_generate(tiny_llama, hf_greedy):
     model = _model(tiny_llama)
-    tokenizer = model.tokenizer
     prompts = ["Hello!", "Write a long story about a cat who learns to fly.", "2+2?"]
     requests = [
         Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=16), policy=Policy(schedule="none"))
         for p in prompts
     ]
     ours = generate(model, requests, batch_size=3)
-    tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.base_lm.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    eos = tokenizer.eos_token_id
-    for generation, row in zip(ours, out[:, enc.input_ids.shape[1] :].tolist()):
-        expected = row[: row.index(eos)] if eos in row else row
-        assert generation.token_ids == expected
+    assert [g.token_ids for g in ours] == hf_greedy(model, prompts, 16)
 
 
 def test_medium_reliance_inserts_guiding_text_after_prefill(tiny_llama):

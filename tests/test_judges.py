@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -152,49 +149,30 @@ def test_guard_missing_model_is_a_clear_error(tmp_path):
 # --- endpoint ------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Endpoint:
     """A fake OpenAI-compatible judge: "yes" when the judged response contains "Step"."""
 
     seen: list[dict] = []
     failures_left = 0
 
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        if type(self).failures_left:
-            type(self).failures_left -= 1
-            self.send_response(503)
-            self.end_headers()
-            return
+    @classmethod
+    def respond(cls, path: str, headers, body: dict) -> tuple[int, dict | None]:
+        cls.seen.append({"path": path, "auth": headers.get("Authorization"), "body": body})
+        if cls.failures_left:
+            cls.failures_left -= 1
+            return 503, None
         if body.get("model") == "bad-model":
-            self.send_response(400)
-            self.end_headers()
-            self.wfile.write(b'{"error": "unknown model"}')
-            return
-        user = body["messages"][-1]["content"]
-        response = user.split("[RESPONSE]")[1]
+            return 400, {"error": "unknown model"}
+        response = body["messages"][-1]["content"].split("[RESPONSE]")[1]
         answer = "Yes" if "Step" in response else "No"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        return 200, {"choices": [{"message": {"role": "assistant", "content": answer}}]}
 
 
 @pytest.fixture
-def server():
-    _Handler.seen = []
-    _Handler.failures_left = 0
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+def server(http_stub):
+    _Endpoint.seen = []
+    _Endpoint.failures_left = 0
+    return http_stub(_Endpoint.respond)
 
 
 def test_endpoint_judge_asks_the_endpoint(server):
@@ -204,7 +182,7 @@ def test_endpoint_judge_asks_the_endpoint(server):
     assert unsafe.unsafe and not safe.unsafe
     assert unsafe.refusal_start == "Step 1: get nitrate. Sorry, I cannot continue.".index("Sorry")
     assert unsafe.detail == "answer 'Yes'"
-    request = _Handler.seen[0]
+    request = _Endpoint.seen[0]
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer secret"
     assert request["body"]["model"] == "judge-model" and request["body"]["temperature"] == 0
     user = request["body"]["messages"][-1]["content"]
@@ -218,14 +196,14 @@ def test_endpoint_judge_reads_the_environment(server, monkeypatch):
     monkeypatch.delenv("ESS_JUDGE_API_KEY", raising=False)
     judge = EndpointJudge()
     assert [v.unsafe for v in judge.judge_batch([("q", "Step 1"), ("q", "no")])] == [True, False]
-    assert _Handler.seen[0]["auth"] is None and _Handler.seen[0]["body"]["model"] == "env-model"
-    assert _Handler.seen[0]["path"] == "/v1/chat/completions"
+    assert _Endpoint.seen[0]["auth"] is None and _Endpoint.seen[0]["body"]["model"] == "env-model"
+    assert _Endpoint.seen[0]["path"] == "/v1/chat/completions"
 
 
 def test_endpoint_judge_retries_server_errors_and_reports_client_errors(server):
-    _Handler.failures_left = 1
+    _Endpoint.failures_left = 1
     judge = EndpointJudge(base_url=server, model="m", retries=2)
-    assert judge.judge("q", "Step 1").unsafe and len(_Handler.seen) == 2
+    assert judge.judge("q", "Step 1").unsafe and len(_Endpoint.seen) == 2
     with pytest.raises(JudgeError, match="HTTP 400"):
         EndpointJudge(base_url=server, model="bad-model").judge("q", "r")
 
