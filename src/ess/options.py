@@ -72,21 +72,18 @@ def add_options(
     flag and its destination. With `overrides`, every flag defaults to None (not given), for flags
     that change another config's values."""
     hints = typing.get_type_hints(cls)
-    exclude = set(exclude)
-    chosen = None if only is None else list(only)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in chosen if chosen is not None else fields:
+    for name in list(only) if only is not None else list(fields):
         f = fields[name]
-        if "help" not in f.metadata or f.metadata.get("flag", True) is False or name in exclude:
-            continue
-        _add(parser, f, hints[name], prefix, overrides)
+        if "help" in f.metadata and f.metadata.get("flag", True) and name not in set(exclude):
+            _add(parser, f, hints[name], prefix, overrides)
 
 
 def _add(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation: Any, prefix: str, overrides: bool) -> None:
     flag, dest = f"--{prefix}{f.name}".replace("_", "-"), f"{prefix}{f.name}".replace("-", "_")
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     required = default is dataclasses.MISSING
-    help_text = f.metadata["help"]
+    help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
     kind, several = _kind(annotation)
     if kind is bool:
         if default is True:
@@ -108,7 +105,7 @@ def _add(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation: Any,
         default=None if required else default,
         required=required,
         choices=f.metadata.get("choices"),
-        help=help_text.replace("%", "%%"),
+        help=help_text,
     )
 
 
