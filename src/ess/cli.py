@@ -26,6 +26,7 @@ def _load_ess_model(value: str):
 
 
 _TRAIN_FLAGS = (
+    "method",
     "phase",
     "full",
     "lr",
@@ -241,6 +242,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .baseline import METHODS
     from .calibration import CalibrationConfig
     from .config import ESSConfig, TrainConfig
     from .generation import Policy
@@ -258,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", nargs="+", default=d.data, help="alignment data: seed, seed:NAME, files or hub ids")
     train.add_argument("--pretrain-data", nargs="+", help="pretraining-phase sources (default: --data)")
     train.add_argument("--phase", choices=("pretrain", "align", "both"), default=d.phase)
+    train.add_argument(
+        "--method",
+        choices=METHODS,
+        default=d.method,
+        help="ess, or a baseline without [CLS] on the same data, saved as a plain model: sft (refusal "
+        "fine-tuning) or augmented (sft plus safety-recovery examples, Qi et al. 2024); alignment phase only",
+    )
     train.add_argument("--out", required=True, help="run folder (rerun with the same --out to resume)")
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--max-steps", type=int, help="stop each phase after N optimiser steps")

@@ -78,6 +78,12 @@ class TrainConfig:
 
     out: str
     """Run folder: checkpoints, the final model (`OUT/final`) and `train_log.jsonl`."""
+    method: str = "ess"
+    """`ess` (the [CLS] signal, both phases), or a baseline without [CLS] trained on the same
+    alignment mixture and saved as a plain transformers model (`ess.baseline`): `sft` (the whole
+    explained refusal, guiding text included, as LM targets) or `augmented` (`sft` plus
+    safety-recovery examples: a harmful prefix of the base model's own answer, then the refusal;
+    `ess.data.recovery`). Baselines train the alignment phase only."""
     phase: str = "both"
     """`pretrain`, `align` or `both` (pretraining phase first, then alignment, as in the paper)."""
     full: bool = False

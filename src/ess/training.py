@@ -30,11 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .baseline import METHOD_FILE, METHODS, is_baseline, save_plain
 from .calibration import CalibrationConfig, CalibrationError, calibrate_response_threshold, describe
 from .config import TrainConfig
 from .data.encoding import ChatEncoder, Encoded
 from .data.loaders import load_examples
 from .data.recipe import alignment_examples, calibration_split, load_sources, pretraining_texts
+from .data.recovery import baseline_items
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
 
@@ -51,6 +53,13 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if config.phase not in PHASES:
         raise TrainingError(f"unknown phase {config.phase!r}: expected pretrain, align or both")
+    if config.method not in METHODS:
+        raise TrainingError(f"unknown method {config.method!r}: expected {', '.join(METHODS)}")
+    baseline = is_baseline(config.method)
+    if baseline and config.phase == "pretrain":
+        raise TrainingError(f"--method {config.method} has no [CLS] to pretrain: use --phase align or both")
+    # A baseline trains the alignment phase only: the pretraining phase teaches [CLS] to judge text.
+    phases = [Phase.ALIGN] if baseline else PHASES[config.phase]
     for name, least in (
         ("batch_size", 1),
         ("save_every", 1),
@@ -60,12 +69,12 @@ def train(config: TrainConfig, base: str) -> Path:
     ):
         if getattr(config, name) < least:
             raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
-    response_calibration = _response_calibration(config) if Phase.ALIGN in PHASES[config.phase] else None
+    response_calibration = _response_calibration(config) if Phase.ALIGN in phases and not baseline else None
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.out)
     final = out / "final"
-    if (final / CONFIG_FILE).exists():
+    if (final / CONFIG_FILE).exists() or (final / METHOD_FILE).exists():
         accelerator.print(f"{out}: training already finished; the model is in {final}")
         return final
     _check_same_run(out, config, base, accelerator)
@@ -84,7 +93,7 @@ def train(config: TrainConfig, base: str) -> Path:
     examples, calibration = calibration_split(load_sources(config.data), config.calibration_fraction, config.seed)
     held_out = {e.prompt for e in calibration}
 
-    for phase in PHASES[config.phase]:
+    for phase in phases:
         if phase in state["phases_done"]:
             continue
         # The first process generates and caches the base model's answers; the others read them.
@@ -97,15 +106,18 @@ def train(config: TrainConfig, base: str) -> Path:
         )
         state = {"phase": None, "step": 0, "phases_done": state["phases_done"] + [phase]}
 
-    if Phase.ALIGN in PHASES[config.phase] and calibration:
+    if Phase.ALIGN in phases and calibration and not baseline:
         _calibrate(model, calibration, config, accelerator)
     if response_calibration:
         model.eval()
         accelerator.print(describe(calibrate_response_threshold(model, response_calibration), response_calibration))
     if accelerator.is_main_process:
-        _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
+        if baseline:
+            _atomic_save(final, lambda tmp: save_plain(model, tmp, config.method))
+        else:
+            _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
     accelerator.wait_for_everyone()
-    accelerator.print(f"saved the ESS model to {final}")
+    accelerator.print(f"saved the {'plain ' + config.method if baseline else 'ESS'} model to {final}")
     return final
 
 
@@ -115,6 +127,7 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
     path = out / "train_config.json"
     if path.exists():
         saved = json.loads(path.read_text())
+        saved.setdefault("method", "ess")  # runs from before --method
         changed = sorted(k for k in settings if saved.get(k) != settings[k])
         if changed:
             raise TrainingError(
@@ -134,6 +147,11 @@ def _phase_items(
 
     Replay items (alignment phase only) are the pretraining-phase windows without LM targets."""
     base = model.config.base_model
+    if is_baseline(config.method):
+        items = baseline_items(
+            config.method, examples, base, encoder, config.examples, config.seed, config.refusal_resamples
+        )
+        return items, []
     replay = phase == Phase.ALIGN and config.replay_every > 0
     windows = []
     if phase == Phase.PRETRAIN or replay:
@@ -267,6 +285,8 @@ def _run_phase(
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * factor
             weight = lambda_align if replay else config.lambda_cls
+            if is_baseline(config.method):
+                weight = 0.0  # no [CLS]: the head reads a text token and is not trained
             output = ddp_model(batch.input_ids, batch.roles, step_phase, batch.lm_targets, batch.cls_labels, weight)
             accelerator.backward(output.loss)
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
