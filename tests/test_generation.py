@@ -88,6 +88,19 @@ def test_batch_size_does_not_change_results(tiny_llama):
     _assert_same(generate(model, requests, batch_size=6), generate(model, requests, batch_size=1))
 
 
+def test_a_rendered_query_generates_as_its_messages_do(tiny_llama):
+    from dataclasses import replace
+
+    from ess.data.encoding import ChatEncoder
+
+    model = _model(tiny_llama)
+    requests = _requests(10)
+    _set_threshold_between_verdicts(model, requests)
+    encoder = ChatEncoder.for_model(model)
+    rendered = [replace(r, messages=[], query=encoder.render_query(r.messages)) for r in requests]
+    _assert_same(generate(model, rendered), generate(model, requests))
+
+
 def test_reevaluation_is_read_by_later_tokens(tiny_llama):
     """Implicit leverage: the token fed with a re-evaluation, and every later one, reads the new [CLS]."""
     from ess.generation.engines import CachedEngine

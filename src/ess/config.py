@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .baseline import METHODS
 from .fields import check, option
 from .jsonfiles import write_json
 
@@ -76,6 +77,13 @@ class TrainConfig:
 
     out: str = option(
         "run folder: checkpoints, the final model (OUT/final) and train_log.jsonl; rerun with the same --out to resume"
+    )
+    method: str = option(
+        "ess (the [CLS] signal, both phases), or a baseline without [CLS] trained on the same alignment mixture "
+        "and saved as a plain transformers model: sft (the whole explained refusal as LM targets) or augmented "
+        "(sft plus safety-recovery examples, Qi et al. 2024); baselines train the alignment phase only",
+        "ess",
+        choices=METHODS,
     )
     phase: str = option(
         "pretrain, align or both (the pretraining phase first, then alignment, as in the paper)",

@@ -68,6 +68,8 @@ def resolve_base(name: str) -> str:
         return str(target)
     path = Path(name).expanduser()
     if path.exists():
+        if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+            path = path / "final"  # the run folder of a baseline (`ess train --method sft|augmented`)
         if not (path / "config.json").exists():
             raise ModelNotFound(f"{name}: folder has no config.json (not a Hugging Face model)")
         return str(path.resolve())

@@ -31,11 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .baseline import METHOD_FILE, is_baseline, save_plain
 from .calibration import CalibrationConfig, CalibrationError, calibrate_response_threshold, describe
 from .config import TrainConfig
 from .data.encoding import ChatEncoder, Encoded
 from .data.loaders import load_examples
 from .data.recipe import alignment_examples, load_sources, pretraining_texts
+from .data.recovery import baseline_items
 from .fields import check
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
@@ -54,12 +56,17 @@ def train(config: TrainConfig, base: str) -> Path:
     from accelerate import Accelerator
 
     check(config, TrainingError)  # a config changed after it was built
-    response_calibration = _response_calibration(config) if Phase.ALIGN in PHASES[config.phase] else None
+    baseline = is_baseline(config.method)
+    if baseline and config.phase == "pretrain":
+        raise TrainingError(f"--method {config.method} has no [CLS] to pretrain: use --phase align or both")
+    # A baseline trains the alignment phase only: the pretraining phase teaches [CLS] to judge text.
+    phases = [Phase.ALIGN] if baseline else PHASES[config.phase]
+    response_calibration = _response_calibration(config) if Phase.ALIGN in phases and not baseline else None
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.out)
     final = out / "final"
-    if (final / CONFIG_FILE).exists():
+    if (final / CONFIG_FILE).exists() or (final / METHOD_FILE).exists():
         _log(accelerator, f"{out}: training already finished; the model is in {final}")
         return final
     _check_same_run(out, config, base, accelerator)
@@ -77,7 +84,7 @@ def train(config: TrainConfig, base: str) -> Path:
     encoder = ChatEncoder.for_model(model, config.max_length)
     examples = load_sources(config.data)
 
-    for phase in PHASES[config.phase]:
+    for phase in phases:
         if phase in state["phases_done"]:
             continue
         # The first process generates and caches the base model's answers; the others read them.
@@ -94,9 +101,12 @@ def train(config: TrainConfig, base: str) -> Path:
         model.eval()
         _log(accelerator, describe(calibrate_response_threshold(model, response_calibration), response_calibration))
     if accelerator.is_main_process:
-        _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
+        if baseline:
+            _atomic_save(final, lambda tmp: save_plain(model, tmp, config.method))
+        else:
+            _atomic_save(final, lambda tmp: model.save_pretrained(tmp))
     accelerator.wait_for_everyone()
-    _log(accelerator, f"saved the ESS model to {final}")
+    _log(accelerator, f"saved the {'plain ' + config.method if baseline else 'ESS'} model to {final}")
     return final
 
 
@@ -112,6 +122,7 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
     path = out / "train_config.json"
     if path.exists():
         saved = json.loads(path.read_text())
+        saved.setdefault("method", "ess")  # runs from before --method
         changed = sorted(k for k in settings if saved.get(k) != settings[k])
         if changed:
             raise TrainingError(
@@ -131,6 +142,11 @@ def _phase_items(
 
     Replay items (alignment phase only) are the pretraining-phase windows without LM targets."""
     base = model.config.base_model
+    if is_baseline(config.method):
+        items = baseline_items(
+            config.method, examples, base, encoder, config.examples, config.seed, config.refusal_resamples
+        )
+        return items, []
     replay = phase == Phase.ALIGN and config.replay_every > 0
     windows = []
     if phase == Phase.PRETRAIN or replay:
@@ -244,6 +260,8 @@ def _run_phase(
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * factor
             weight = lambda_align if replay else config.lambda_cls
+            if is_baseline(config.method):
+                weight = 0.0  # no [CLS]: the head reads a text token and is not trained
             output = ddp_model(batch.input_ids, batch.roles, step_phase, batch.lm_targets, batch.cls_labels, weight)
             accelerator.backward(output.loss)
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

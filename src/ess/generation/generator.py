@@ -61,7 +61,8 @@ class _Row:
     def __init__(self, index: int, request: Request, encoder: ChatEncoder, config: ESSConfig):
         self.request = request
         self.policy = RowPolicy(validate(request.policy), config.threshold, config.response_threshold)
-        self.query_ids = encoder.query_ids(request.messages)
+        query = request.query
+        self.query_ids = encoder.tokenize(query) if query is not None else encoder.query_ids(request.messages)
         self.forced: deque[int] = deque(encoder.tokenize(request.prefill) if request.prefill else [])
         self.emitted: list[int] = []
         self.generated = 0
@@ -173,7 +174,9 @@ def generate(
     engine_class = ReferenceEngine if reference else CachedEngine
     encoder = ChatEncoder.for_model(model)
     # Similar lengths together: less padding per batch.
-    order = sorted(range(len(requests)), key=lambda i: len(encoder.render_query(requests[i].messages)))
+    order = sorted(
+        range(len(requests)), key=lambda i: len(requests[i].query or encoder.render_query(requests[i].messages))
+    )
     results: list[Generation | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="generate", unit="answer", disable=not progress)
     for start in range(0, len(order), batch_size):

@@ -91,6 +91,9 @@ class Request:
     """Forced start of the assistant's answer (the prefill attack); re-evaluated like any response text."""
     sampling: Sampling = field(default_factory=Sampling)
     policy: Policy = field(default_factory=Policy)
+    query: str | None = None
+    """The query as the model reads it, chat template already applied (e.g. an lm-evaluation-harness
+    context); None: rendered from `messages`."""
 
 
 @dataclass
