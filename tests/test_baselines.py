@@ -94,10 +94,12 @@ def test_recovery_examples_mask_the_harmful_prefix(encoder, tiny_llama, tmp_path
 
 
 def test_a_baseline_has_no_pretraining_phase(tmp_path):
+    from ess.fields import FieldError
+
     with pytest.raises(TrainingError, match="no \\[CLS\\] to pretrain"):
         train(TrainConfig(out=str(tmp_path / "run"), method="sft", phase="pretrain"), "unused")
-    with pytest.raises(TrainingError, match="unknown method"):
-        train(TrainConfig(out=str(tmp_path / "run"), method="dpo"), "unused")
+    with pytest.raises(FieldError, match="method must be one of ess, sft, augmented, got 'dpo'"):
+        TrainConfig(out=str(tmp_path / "run"), method="dpo")
 
 
 def test_saved_baseline_is_a_plain_model_every_command_loads(tiny_llama, tmp_path, monkeypatch):
