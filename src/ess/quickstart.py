@@ -51,13 +51,34 @@ class QuickstartConfig:
         check(self)
 
 
-def _stage(number: int, title: str) -> float:
-    logger.info(f"== [{number}/5] {title}")
-    return time.time()
+# Seconds of stages 1-4 on the 2-core reference CPU from a fresh $ESS_HOME (docs/experiments.md);
+# the overall ETA scales them by how fast this machine ran the finished stages.
+STAGE_SECONDS = (26, 815, 494, 66)
 
 
-def _done(started: float) -> None:
-    logger.info(f"   done in {time.time() - started:.0f} s")
+class _Clock:
+    """Stage headers with one overall ETA, and the time each stage took."""
+
+    def __init__(self):
+        self.begun = time.time()
+        self.finished: list[float] = []  # seconds of each finished stage
+
+    def _eta(self, number: int) -> str:
+        done_reference = sum(STAGE_SECONDS[: len(self.finished)])
+        # A stage that reused finished work says little about this machine's speed.
+        scale = sum(self.finished) / done_reference if done_reference >= 60 and sum(self.finished) > 10 else 1.0
+        left = scale * sum(STAGE_SECONDS[number - 1 :])
+        elapsed = time.time() - self.begun
+        return f"{elapsed / 60:.0f} min elapsed, about {max(1, round(left / 60))} min left"
+
+    def stage(self, number: int, title: str) -> float:
+        eta = f"   (overall: {self._eta(number)})" if number <= len(STAGE_SECONDS) else ""
+        logger.info(f"== [{number}/5] {title}{eta}")
+        return time.time()
+
+    def done(self, started: float) -> None:
+        self.finished.append(time.time() - started)
+        logger.info(f"   done in {self.finished[-1]:.0f} s")
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
@@ -72,16 +93,17 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     total = time.time()
+    clock = _Clock()
 
-    started = _stage(1, f"prepare the default model {DEFAULT_MODEL}")
+    started = clock.stage(1, f"prepare the default model {DEFAULT_MODEL}")
     logger.info(f"   {resolve_base(DEFAULT_MODEL)}")
-    _done(started)
+    clock.done(started)
 
-    started = _stage(2, "train its ESS version (default recipe, seed data, both phases)")
+    started = clock.stage(2, "train its ESS version (default recipe, seed data, both phases)")
     final = train(TrainConfig(out=str(out / "train")), DEFAULT_MODEL)
-    _done(started)
+    clock.done(started)
 
-    started = _stage(3, "attack the undefended model and the ESS model on held-out prompts")
+    started = clock.stage(3, "attack the undefended model and the ESS model on held-out prompts")
     eval_config = EvalConfig(
         model=str(final),
         baseline=DEFAULT_MODEL,
@@ -97,18 +119,18 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         report=False,
     )
     summary = run_eval(eval_config)
-    _done(started)
+    clock.done(started)
 
-    started = _stage(4, "overhead of each re-classification schedule (batch 1)")
+    started = clock.stage(4, "overhead of each re-classification schedule (batch 1)")
     bench_file = out / "bench.json"
     if not bench_file.exists():
         bench = run_bench(load_model(str(final)), BenchConfig(batch_sizes=(1,), max_new_tokens=64, repeats=2))
         write_json(bench_file, bench)
     bench = json.loads(bench_file.read_text())
     summary["overhead"] = {row["schedule"]: row["overhead"] for row in bench["rows"]}
-    _done(started)
+    clock.done(started)
 
-    _stage(5, "report")
+    clock.stage(5, "report")
     write_json(out / "summary.json", summary)
     records = RecordStore(out / "records.jsonl").rows
     report = write_report(out, summary, records)
