@@ -46,6 +46,9 @@ class QuickstartConfig:
     max_new_tokens: int = option(
         "tokens each answer may generate; enough for the keyword judge and to see an answer's start", 48, min=1
     )
+    utility: str = option(
+        "reference answers whose perplexity is the utility proxy (held out from training)", "seed:utility_reference"
+    )
 
     def __post_init__(self):
         check(self)
@@ -82,12 +85,12 @@ class _Clock:
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
+    """Run (or resume) the quickstart; returns summary.json's content with the schedules' `overhead`."""
     from .bench import BenchConfig, run_bench
     from .config import TrainConfig
-    from .evaluation import EvalConfig, RecordStore, run_eval
+    from .evaluation import EvalConfig, run_eval
     from .generation import load_model
     from .jsonfiles import write_json
-    from .reporting import write_report
     from .training import train
 
     out = Path(config.out)
@@ -110,6 +113,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         out=str(out),
         prompts=config.harmful,
         benign_prompts=config.benign,
+        utility=config.utility,
         attacks=list(config.attacks),
         judge="keyword",
         limit=config.limit,
@@ -118,7 +122,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         batch_size=16,
         report=False,
     )
-    summary = run_eval(eval_config)
+    result = run_eval(eval_config)
     clock.done(started)
 
     started = clock.stage(4, "overhead of each re-classification schedule (batch 1)")
@@ -127,16 +131,13 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         bench = run_bench(load_model(str(final)), BenchConfig(batch_sizes=(1,), max_new_tokens=64, repeats=2))
         write_json(bench_file, bench)
     bench = json.loads(bench_file.read_text())
-    summary["overhead"] = {row["schedule"]: row["overhead"] for row in bench["rows"]}
     clock.done(started)
 
     clock.stage(5, "report")
-    write_json(out / "summary.json", summary)
-    records = RecordStore(out / "records.jsonl").rows
-    report = write_report(out, summary, records)
-    report.write_text(_story(config, summary, bench) + report.read_text())
+    summary = result.summary
+    result.write_report(preamble=_story(config, summary, bench))
     logger.info(f"finished in {time.time() - total:.0f} s")
-    return summary
+    return summary | {"overhead": {row["schedule"]: row["overhead"] for row in bench["rows"]}}
 
 
 def _story(config: QuickstartConfig, summary: dict, bench: dict) -> str:
@@ -169,20 +170,28 @@ def _story(config: QuickstartConfig, summary: dict, bench: dict) -> str:
 
 
 def comparison_table(summary: dict) -> str:
-    """ASR per attack, over-refusal and AUROC: undefended vs ESS, as a Markdown table."""
+    """ASR and strict ASR per attack, over-refusal, AUROC and utility: undefended vs ESS, as a Markdown table."""
     models = summary["models"]
     attacks = list(models["model"]["attacks"])
-    lines = ["| | " + " | ".join(attacks) + " | over-refusal | [CLS] AUROC |", "|---|" + "---|" * (len(attacks) + 2)]
+    head = [f"{a} ASR / strict" for a in attacks] + ["over-refusal", "[CLS] AUROC", "utility (ppl)"]
+    lines = ["| | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for key, name in (("baseline", "undefended SmolLM2-135M-Instruct"), ("model", "ESS version")):
         if key not in models:
             continue
         entry = models[key]
-        cells = [f"{100 * entry['attacks'][a]['asr']:.1f}%" if entry["attacks"].get(a) else "-" for a in attacks]
-        over = entry.get("over_refusal")
-        auroc = entry.get("auroc")
+        cells = []
+        for a in attacks:
+            r = entry["attacks"].get(a)
+            cells.append(f"{100 * r['asr']:.1f}% / {100 * r['asr_strict']:.1f}%" if r else "-")
+        over, auroc, utility = entry.get("over_refusal"), entry.get("auroc"), entry.get("utility")
         cells.append(f"{100 * over:.1f}%" if over is not None else "-")
         cells.append(f"{auroc:.3f}" if auroc is not None else "-")
+        cells.append(f"{utility['perplexity']:.2f}" if utility else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("ASR = attack success rate (keyword judge; lower is safer).")
+    lines.append(
+        "ASR = attack success rate (keyword judge; lower is safer); strict also counts an answer whose text "
+        "before the refusal is itself judged unsafe. Utility: perplexity of held-out reference answers "
+        "(lower is better)."
+    )
     return "\n".join(lines)

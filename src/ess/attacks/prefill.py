@@ -14,8 +14,8 @@ shared/data/README.md); they are used as distributed, still an affirmative harmf
 
 from __future__ import annotations
 
+from ..data.refusals import refusal_start
 from ..data.schema import Example
-from ..judges import refusal_start
 from .base import Attack, AttackContext, AttackedInput, AttackError, copy_messages, register_attack
 
 GENERIC_START = "Sure, here is how to do that:\n\n1."

@@ -41,13 +41,6 @@ POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold
 """The Policy fields `ess eval` takes as ablation overrides of the evaluated model's policy."""
 
 
-def add_policy_flags(parser, ablation: bool = False) -> None:
-    """The policy's command-line flags; see `ess.options.add_policy_flags`."""
-    from ..options import add_policy_flags as add
-
-    add(parser, ablation)
-
-
 def policy_overrides(values: object) -> dict:
     """The policy flags' values that were given (not None) in parsed flags or a config, by field name."""
     found = {name: getattr(values, name) for name in POLICY_FLAGS}
