@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint quickstart
+.PHONY: setup test test-fast lint quickstart compare
 
 setup: $(STAMP)
 
@@ -30,3 +30,6 @@ lint: setup
 
 quickstart: setup
 	$(VENV)/bin/ess quickstart
+
+compare: setup
+	$(VENV)/bin/ess compare

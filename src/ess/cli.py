@@ -181,6 +181,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, run_compare
+    from .reporting import comparison_table
+
+    config = options_from(args, CompareConfig)
+    summary = run_compare(config)
+    out = Path(config.out)
+    print("\n" + comparison_table(summary))
+    print(f"\nReport: {out / 'report.md'}  Table: {out / 'comparison.md'}  Summary: {out / 'summary.json'}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import QuickstartConfig, comparison_table, run_quickstart
 
@@ -219,6 +231,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .bench import BenchConfig
     from .calibration import CalibrationConfig
+    from .compare import CompareConfig
     from .config import TrainConfig
     from .generation import Policy
     from .quickstart import QuickstartConfig
@@ -305,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="train, attack, compare and report on the embedded default model")
     add_options(quick, QuickstartConfig)
     quick.set_defaults(run=cmd_quickstart)
+
+    compare = sub.add_parser(
+        "compare", help="ESS against refusal fine-tuning (sft, augmented) on the same data: train, attack, one table"
+    )
+    add_options(compare, CompareConfig)
+    compare.set_defaults(run=cmd_compare)
     return parser
 
 

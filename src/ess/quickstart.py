@@ -170,28 +170,7 @@ def _story(config: QuickstartConfig, summary: dict, bench: dict) -> str:
 
 
 def comparison_table(summary: dict) -> str:
-    """ASR and strict ASR per attack, over-refusal, AUROC and utility: undefended vs ESS, as a Markdown table."""
-    models = summary["models"]
-    attacks = list(models["model"]["attacks"])
-    head = [f"{a} ASR / strict" for a in attacks] + ["over-refusal", "[CLS] AUROC", "utility (ppl)"]
-    lines = ["| | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-    for key, name in (("baseline", "undefended SmolLM2-135M-Instruct"), ("model", "ESS version")):
-        if key not in models:
-            continue
-        entry = models[key]
-        cells = []
-        for a in attacks:
-            r = entry["attacks"].get(a)
-            cells.append(f"{100 * r['asr']:.1f}% / {100 * r['asr_strict']:.1f}%" if r else "-")
-        over, auroc, utility = entry.get("over_refusal"), entry.get("auroc"), entry.get("utility")
-        cells.append(f"{100 * over:.1f}%" if over is not None else "-")
-        cells.append(f"{auroc:.3f}" if auroc is not None else "-")
-        cells.append(f"{utility['perplexity']:.2f}" if utility else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        "ASR = attack success rate (keyword judge; lower is safer); strict also counts an answer whose text "
-        "before the refusal is itself judged unsafe. Utility: perplexity of held-out reference answers "
-        "(lower is better)."
-    )
-    return "\n".join(lines)
+    """The quickstart's comparison: the undefended model, then its ESS version."""
+    from .reporting import comparison_table as table
+
+    return table(summary, {"baseline": "undefended SmolLM2-135M-Instruct", "model": "ESS version"})

@@ -386,3 +386,31 @@ def write_report(out_dir: str | Path, summary: dict, records: list[dict], preamb
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def comparison_table(summary: dict, names: dict[str, str] | None = None) -> str:
+    """ASR / strict ASR per attack, over-refusal, AUROC and utility, one row per model, as a Markdown
+    table; `names` picks and orders the models and gives each row's name (None: every model, by key)."""
+    models = summary["models"]
+    names = names or {key: key for key in models}
+    rows = [(name, models[key]) for key, name in names.items() if key in models]
+    attacks = list(dict.fromkeys(a for _, entry in rows for a in entry["attacks"]))
+    head = [f"{a} ASR / strict" for a in attacks] + ["over-refusal", "[CLS] AUROC", "utility (ppl)"]
+    lines = ["| | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for name, entry in rows:
+        cells = []
+        for a in attacks:
+            r = entry["attacks"].get(a)
+            cells.append(f"{100 * r['asr']:.1f}% / {100 * r['asr_strict']:.1f}%" if r else "-")
+        over, auroc, utility = entry.get("over_refusal"), entry.get("auroc"), entry.get("utility")
+        cells.append(f"{100 * over:.1f}%" if over is not None else "-")
+        cells.append(f"{auroc:.3f}" if auroc is not None else "-")
+        cells.append(f"{utility['perplexity']:.2f}" if utility else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "ASR = attack success rate (keyword judge; lower is safer); strict also counts an answer whose text "
+        "before the refusal is itself judged unsafe. Utility: perplexity of held-out reference answers "
+        "(lower is better).",
+    ]
+    return "\n".join(lines)
