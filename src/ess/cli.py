@@ -28,6 +28,7 @@ def _load_ess_model(value: str):
 _TRAIN_FLAGS = (
     "phase",
     "full",
+    "precision",
     "lr",
     "head_lr",
     "batch_size",
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import ESSConfig, TrainConfig
     from .generation import Policy
     from .generation.policy import add_policy_flags
+    from .precision import PRECISIONS
     from .server import ServeConfig
 
     parser = argparse.ArgumentParser(prog="ess", description="Explicit safety signals for causal LMs.")
@@ -260,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--phase", choices=("pretrain", "align", "both"), default=d.phase)
     train.add_argument("--out", required=True, help="run folder (rerun with the same --out to resume)")
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    train.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="full fine-tuning: fp32 master weights with bf16 compute (bf16-mixed), fp32, or auto "
+        "(bf16-mixed on CUDA; default)",
+    )
     train.add_argument("--max-steps", type=int, help="stop each phase after N optimiser steps")
     train.add_argument(
         "--epochs", type=float, default=d.epochs, help=f"passes over the alignment data (default {d.epochs:g})"

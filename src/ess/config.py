@@ -82,6 +82,10 @@ class TrainConfig:
     """`pretrain`, `align` or `both` (pretraining phase first, then alignment, as in the paper)."""
     full: bool = False
     """Full fine-tuning instead of LoRA."""
+    precision: str = "auto"
+    """Full fine-tuning: `bf16-mixed` (fp32 master weights, forward and backward in bf16 under
+    autocast), `fp32`, or `auto` (bf16-mixed on CUDA, fp32 elsewhere). LoRA ignores it: the frozen
+    base stays in its loading dtype and the adapters in fp32 (`ess.precision`)."""
     lr: float | None = None
     """Peak learning rate (linear warm-up, then linear decay); default 3e-4 for LoRA, 2e-5 for full."""
     head_lr: float = 5e-3

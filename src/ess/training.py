@@ -37,6 +37,7 @@ from .data.loaders import load_examples
 from .data.recipe import alignment_examples, calibration_split, load_sources, pretraining_texts
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
+from .precision import PrecisionError, accelerate_mode, check_master_weights, resolve, weight_dtype
 
 PHASES = {"pretrain": [Phase.PRETRAIN], "align": [Phase.ALIGN], "both": [Phase.PRETRAIN, Phase.ALIGN]}
 
@@ -61,8 +62,12 @@ def train(config: TrainConfig, base: str) -> Path:
         if getattr(config, name) < least:
             raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
     response_calibration = _response_calibration(config) if Phase.ALIGN in PHASES[config.phase] else None
+    try:
+        precision = resolve(config.precision, config.full)
+    except PrecisionError as error:
+        raise TrainingError(str(error)) from None
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=accelerate_mode(precision))
     out = Path(config.out)
     final = out / "final"
     if (final / CONFIG_FILE).exists():
@@ -73,12 +78,16 @@ def train(config: TrainConfig, base: str) -> Path:
     checkpoint = _latest_checkpoint(out)
     torch.manual_seed(config.seed)
     if checkpoint is None:
-        model = ESSModel.from_base(base, adapter="full" if config.full else "lora")
+        model = ESSModel.from_base(base, adapter="full" if config.full else "lora", dtype=weight_dtype(precision))
         state = {"phase": None, "step": 0, "phases_done": []}
     else:
-        model = ESSModel.from_pretrained(checkpoint / "model", trainable=True)
+        model = ESSModel.from_pretrained(checkpoint / "model", dtype=weight_dtype(precision), trainable=True)
         state = json.loads((checkpoint / "state.json").read_text())
         accelerator.print(f"resuming from {checkpoint}")
+    try:
+        check_master_weights(model, config.full)
+    except PrecisionError as error:
+        raise TrainingError(str(error)) from None
     model.to(accelerator.device).train()
     encoder = ChatEncoder.for_model(model, config.max_length)
     examples, calibration = calibration_split(load_sources(config.data), config.calibration_fraction, config.seed)
