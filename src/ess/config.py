@@ -47,7 +47,8 @@ class ESSConfig:
     29.6k examples; on a few hundred seed examples in one pass, the default model's [CLS] flagged 25 %
     of held-out benign-but-alarming prompts at 0.1 and 8.8 % at 1.0 (README, *Data*)."""
     adapter: str = "lora"
-    """`lora` (a peft adapter on the base's linear layers) or `full` (all weights trained)."""
+    """`lora` (a peft adapter on the base's linear layers) or `full` (all weights trained); `merged`
+    marks a checkpoint written by `ess export --merged` (the LoRA merged into a plain HF checkpoint)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
