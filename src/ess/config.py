@@ -100,8 +100,11 @@ class TrainConfig:
     """Passes over the pretraining-phase corpus (ignored where `max_steps` is set)."""
     max_steps: int | None = None
     """Stop each phase after this many optimiser steps."""
-    max_length: int = 160
-    """Longest tokenized sequence; longer alignment examples lose the end of the response."""
+    max_length: int = 320
+    """Longest tokenized sequence; longer alignment examples lose the end of the response. The
+    default holds [CLS], the longest query of the bundled attacks and an answer of the length the
+    recipe distils, so that a query is read whole in training as at inference; batches pad to
+    their longest row, so shorter data costs nothing more (docs/experiments.md)."""
     warmup_ratio: float = 0.05
     """Share of steps spent warming up the learning rate."""
     weight_decay: float = 0.0
