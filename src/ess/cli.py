@@ -181,6 +181,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_merged
+
+    export_merged(_load_ess_model(args.model), args.merged)
+    print(f"wrote a merged checkpoint to {args.merged} (plain HF model; ESS files beside it)")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, run_compare
     from .reporting import comparison_table
@@ -309,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(bench, BenchConfig)
     bench.set_defaults(run=cmd_bench)
 
+    export = sub.add_parser("export", help="write a checkpoint that serving engines load, ESS files beside it")
+    export.add_argument("--model", required=True, help="ESS checkpoint or run folder")
+    export.add_argument(
+        "--merged", required=True, help="output folder: the LM with the LoRA merged, plus [CLS] row, head and config"
+    )
+    export.set_defaults(run=cmd_export)
+
     from .evaluation import add_eval_arguments, cmd_eval
 
     evaluate = sub.add_parser("eval", help="attacks x prompts x judges -> records.jsonl, summary.json, report.md")
@@ -334,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import EvalError
     from .generation import GenerationError, PolicyError
     from .judges import JudgeError
+    from .model import SequenceTooLong
     from .training import TrainingError
 
     bad_input = (
@@ -347,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         EvalError,
         AttackError,
         JudgeError,
+        SequenceTooLong,
         FileNotFoundError,
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 from .baseline import METHODS
 from .fields import check, option
 from .jsonfiles import write_json
+from .precision import PRECISIONS
 
 FORMAT_VERSION = 1
 """Version of the checkpoint layout written by `ESSModel.save_pretrained`."""
@@ -46,7 +47,8 @@ class ESSConfig:
     """λ2: weight of the [CLS] loss in the alignment phase (docs/METHOD.md §4; the paper uses 0.1 with
     29.6k examples, docs/experiments.md compares 0.1, 0.5 and 1.0 on the seed data)."""
     adapter: str = "lora"
-    """`lora` (a peft adapter on the base's linear layers) or `full` (all weights trained)."""
+    """`lora` (a peft adapter on the base's linear layers) or `full` (all weights trained); `merged`
+    marks a checkpoint written by `ess export --merged` (the LoRA merged into a plain HF checkpoint)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -91,6 +93,12 @@ class TrainConfig:
         choices=("pretrain", "align", "both"),
     )
     full: bool = option("full fine-tuning instead of LoRA", False)
+    precision: str = option(
+        "full fine-tuning: bf16-mixed (fp32 master weights, forward and backward in bf16 under autocast), fp32, "
+        "or auto (bf16-mixed on CUDA, fp32 elsewhere); LoRA ignores it (ess.precision)",
+        "auto",
+        choices=PRECISIONS,
+    )
     lr: float | None = option(
         "peak learning rate, with linear warm-up and linear decay (default 3e-4 for LoRA, 2e-5 for full)", None, above=0
     )
@@ -102,7 +110,11 @@ class TrainConfig:
     )
     max_steps: int | None = option("stop each phase after this many optimiser steps", None, min=1)
     max_length: int = option(
-        "longest tokenized sequence; longer alignment examples lose the end of the response", 160, min=8
+        "longest tokenized sequence; longer alignment examples lose the end of the response. The default holds "
+        "[CLS], the longest query of the bundled attacks and a distilled answer, so a query is read whole in "
+        "training as at inference",
+        320,
+        min=8,
     )
     warmup_ratio: float = option("share of the steps spent warming up the learning rate", 0.05, min=0, max=1)
     weight_decay: float = option("AdamW weight decay", 0.0, min=0)

@@ -9,6 +9,7 @@ Checkpoint layout (`save_pretrained`), safetensors only:
     ess_head.safetensors     cls_embedding [hidden], head.weight [2, hidden], head.bias [2]
     adapter/                 peft LoRA adapter (adapter kind `lora`), or
     model/                   the full fine-tuned LM (adapter kind `full`)
+    (adapter kind `merged`: a plain HF checkpoint with ESS beside it, see `ess.export`)
     tokenizer files          the base tokenizer with [CLS] added as a special token
 """
 
@@ -109,19 +110,28 @@ class ESSModel(nn.Module):
         if not (folder / CONFIG_FILE).exists():
             raise ModelNotFound(f"{folder}: not an ESS checkpoint (no {CONFIG_FILE})")
         config = ESSConfig.load(folder / CONFIG_FILE)
+        tokenizer_folder = folder
         if config.adapter == "full":
             lm, _ = load_causal_lm(str(folder / "model"), dtype)
+        elif config.adapter == "merged":  # written by `ess.export.export_merged`
+            lm, _ = load_causal_lm(str(folder), dtype)
+            tokenizer_folder = folder / "ess_tokenizer"
         else:
             from peft import PeftModel
 
             lm, _ = load_causal_lm(config.base_model, dtype)
             with _peft_reads_a_deprecated_property():
                 lm = PeftModel.from_pretrained(lm, folder / "adapter", is_trainable=trainable)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
         head_state = load_file(folder / HEAD_FILE)
         return cls(lm, tokenizer, config, head_state).to(lm.device)
 
     def save_pretrained(self, folder: str | Path) -> None:
+        if self.config.adapter == "merged":
+            from .export import export_merged
+
+            export_merged(self, folder)
+            return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder / CONFIG_FILE)
@@ -156,7 +166,30 @@ class ESSModel(nn.Module):
         return self.cls_embedding.device
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.base_lm.get_output_embeddings()(hidden)
+        """Next-token logits, soft-capped where the base caps them (Gemma-2)."""
+        logits = self.base_lm.get_output_embeddings()(hidden)
+        cap = getattr(self.base_lm.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @property
+    def context_limit(self) -> tuple[int | None, str]:
+        """Longest sequence ([CLS] included) the model reads as its base would, and what sets it.
+
+        A sliding-window layer would hide [CLS] (position 0) from tokens farther than the window:
+        the ESS mask opens every layer to [CLS], so past the window the sliding layers would read
+        what the base never did. Sequences are therefore bounded by the window too."""
+        config = self.base_lm.config
+        limit = getattr(config, "max_position_embeddings", None)
+        window = sliding_window(config)
+        if window is not None and (limit is None or window < limit):
+            return window, f"sliding window of {window} tokens ([CLS] must stay inside every layer's window)"
+        return limit, f"context of {limit} tokens"
+
+    def check_length(self, n: int) -> None:
+        """One clear error where a sequence of `n` tokens is longer than `context_limit`."""
+        limit, what = self.context_limit
+        if limit is not None and n > limit:
+            raise SequenceTooLong(f"a sequence of {n} tokens exceeds the model's {what}")
 
     def embed(
         self, input_ids: torch.Tensor, roles: torch.Tensor, inputs_embeds: torch.Tensor | None = None
@@ -191,6 +224,7 @@ class ESSModel(nn.Module):
         `L_lm + λ·L_cls`, λ being `lambda_cls` or the phase's λ of the config. `inputs_embeds`
         [b, n, hidden] replaces the token lookup (the [CLS] row is still substituted by role).
         """
+        self.check_length(input_ids.shape[1])
         embeds = self.embed(input_ids, roles, inputs_embeds)
         mask = additive_mask(attention_allowed(roles, roles, phase), embeds.dtype)
         hidden = self.decoder(
@@ -215,6 +249,21 @@ class ESSModel(nn.Module):
             lambda_cls = self.config.lambda_pretrain if phase == Phase.PRETRAIN else self.config.lambda_align
         out.loss = out.lm_loss + lambda_cls * out.cls_loss
         return out
+
+
+class SequenceTooLong(ValueError):
+    """A sequence the model cannot read as its base would (longer than its context or window)."""
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the base's sliding-window layers, None where no layer slides."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
 
 
 def find_checkpoint(reference: str | Path) -> Path | None:

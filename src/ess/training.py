@@ -41,6 +41,7 @@ from .data.recovery import baseline_items
 from .fields import check
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
+from .precision import PrecisionError, accelerate_mode, check_master_weights, resolve, weight_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,12 @@ def train(config: TrainConfig, base: str) -> Path:
     # A baseline trains the alignment phase only: the pretraining phase teaches [CLS] to judge text.
     phases = [Phase.ALIGN] if baseline else PHASES[config.phase]
     response_calibration = _response_calibration(config) if Phase.ALIGN in phases and not baseline else None
+    try:
+        precision = resolve(config.precision, config.full)
+    except PrecisionError as error:
+        raise TrainingError(str(error)) from None
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=accelerate_mode(precision))
     out = Path(config.out)
     final = out / "final"
     if (final / CONFIG_FILE).exists() or (final / METHOD_FILE).exists():
@@ -74,12 +79,16 @@ def train(config: TrainConfig, base: str) -> Path:
     checkpoint = _latest_checkpoint(out)
     torch.manual_seed(config.seed)
     if checkpoint is None:
-        model = ESSModel.from_base(base, adapter="full" if config.full else "lora")
+        model = ESSModel.from_base(base, adapter="full" if config.full else "lora", dtype=weight_dtype(precision))
         state = {"phase": None, "step": 0, "phases_done": []}
     else:
-        model = ESSModel.from_pretrained(checkpoint / "model", trainable=True)
+        model = ESSModel.from_pretrained(checkpoint / "model", dtype=weight_dtype(precision), trainable=True)
         state = json.loads((checkpoint / "state.json").read_text())
         _log(accelerator, f"resuming from {checkpoint}")
+    try:
+        check_master_weights(model, config.full)
+    except PrecisionError as error:
+        raise TrainingError(str(error)) from None
     model.to(accelerator.device).train()
     encoder = ChatEncoder.for_model(model, config.max_length)
     examples = load_sources(config.data)

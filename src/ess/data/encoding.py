@@ -82,8 +82,23 @@ class ChatEncoder:
                 ids += self.tokenizer(piece, add_special_tokens=False).input_ids
         return ids
 
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The chat template applied to messages. A template that refuses a system turn (Gemma) gets
+        the system text at the head of the first user turn instead."""
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError:
+            if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+                raise
+            merged = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+            return self.render([merged, *messages[2:]], add_generation_prompt)
+
     def render_query(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.render(messages, add_generation_prompt=True)
 
     def query_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The query as the model sees it before answering (chat template + generation prompt)."""
@@ -93,15 +108,30 @@ class ChatEncoder:
         self, messages: list[dict[str, str]], response: str, forced_prefix: str = ""
     ) -> tuple[list[int], int]:
         """Token ids of what the template adds after the query for the assistant's answer, and how
-        many of them are a forced prefix: tokenized on its own, exactly as the generator inserts it."""
+        many of them are a forced prefix.
+
+        The answer's ids are those of the whole conversation after the query's ids, as the model
+        reads them when it generates after the query (a template that has no generation prompt
+        renders the same query; a sentencepiece tokenizer would add a spurious word boundary to a
+        tail tokenized on its own). A forced prefix is tokenized on its own and placed right
+        after the query, exactly as the generator inserts the guiding text; whitespace the template
+        puts before the answer (`' ' + content` in Llama-2-chat and Mistral-Instruct) is left out
+        there, since the generator does not insert it either (sentencepiece tokenizers mark the
+        word boundary on the first token of the prefix by themselves)."""
         query = self.render_query(messages)
-        full = self.tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": response}], tokenize=False
-        )
+        full = self.render(messages + [{"role": "assistant", "content": response}])
         tail = full[len(query) :] if full.startswith(query) else response + (self.tokenizer.eos_token or "")
-        if forced_prefix and tail.startswith(forced_prefix):
+        at = tail.find(forced_prefix) if forced_prefix else -1
+        if at >= 0 and not tail[:at].strip():
             forced = self.tokenize(forced_prefix)
-            return forced + self.tokenize(tail[len(forced_prefix) :]), len(forced)
+            return forced + self.tokenize(tail[at + len(forced_prefix) :]), len(forced)
+        if forced_prefix:
+            raise ValueError(
+                f"the chat template does not render the answer starting with its forced prefix {forced_prefix!r}"
+            )
+        query_ids, full_ids = self.tokenize(query), self.tokenize(query + tail)
+        if full_ids[: len(query_ids)] == query_ids:
+            return full_ids[len(query_ids) :], 0
         return self.tokenize(tail), 0
 
     def _finish(self, ids: list[int], roles: list[int], label: int, lm_target: list[bool]) -> Encoded:

@@ -51,10 +51,6 @@ def _eos_ids(model: ESSModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _context_limit(model: ESSModel) -> int | None:
-    return getattr(model.base_lm.config, "max_position_embeddings", None)
-
-
 class _Row:
     """Book-keeping of one request in the loop."""
 
@@ -115,13 +111,13 @@ def _run_batch(
         + len(encoder.tokenize("\n" + max(row.request.policy.guiding_text, row.request.policy.refusal_text, key=len)))
         for row in rows
     )
-    limit = _context_limit(model)
+    limit, what = model.context_limit
     for row in rows:
         needed = 1 + len(row.query_ids) + extra
         if limit is not None and needed > limit:
             raise GenerationError(
                 f"request {rows.index(row) + first_index}: prompt of {len(row.query_ids)} tokens plus up to "
-                f"{extra} response tokens exceeds the model's context of {limit} tokens"
+                f"{extra} response tokens exceeds the model's {what}"
             )
     engine = engine_class(model, [r.query_ids for r in rows], [r.policy.plain for r in rows], extra)
     eos = _eos_ids(model)
