@@ -216,3 +216,35 @@ def test_benign_targets_that_decline_are_resampled_or_left_out(tiny_llama, tmp_p
         "answer": resampled,
     }
     assert helpful_answers(tiny_llama, prompts, attempts=0)[prompts[1]] == refused
+
+
+def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_path):
+    from dataclasses import replace
+
+    from ess.config import TrainConfig
+    from ess.data.encoding import ChatEncoder
+    from ess.data.recipe import load_sources
+    from ess.masks import Phase, Role
+    from ess.model import ESSModel
+    from ess.training import _phase_items
+
+    model = ESSModel.from_base(tiny_llama)
+    encoder = ChatEncoder.for_model(model, 160)
+    # Benign rows with answers of their own: the tiny model's answers are empty, and empty targets are left out.
+    examples = [replace(e, response=e.response or "Here is how.") for e in load_sources(DATA[1:])]
+    plain = TrainConfig(out=str(tmp_path), data=DATA[1:])
+    augmented = TrainConfig(out=str(tmp_path), data=DATA[1:], augment=["tense", "noise"], augment_rate=0.5)
+    base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples, set())
+    items, _ = _phase_items(Phase.ALIGN, augmented, model, encoder, examples, set())
+    extra = items[len(base_items) :]
+    assert len(extra) == len(base_items) // 2
+    assert {item.label for item in extra} == {0, 1}
+    assert all(not any(item.lm_target) and Role.RESPONSE not in item.roles for item in extra)
+    assert sum(item.label for item in extra) == len(extra) // 2
+
+
+def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path):
+    result = subprocess.run(
+        ESS + _train_args(tiny_llama, tmp_path / "run", "--augment", "typos"), capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "invalid choice: 'typos'" in result.stderr

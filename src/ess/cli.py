@@ -38,6 +38,8 @@ _TRAIN_FLAGS = (
     "replay_every",
     "windows_per_answer",
     "refusal_resamples",
+    "augment",
+    "augment_rate",
     "save_every",
     "seed",
     "lambda_cls",
@@ -54,10 +56,18 @@ def _calibration_prompts(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+def _augment_kinds(values: list[str]) -> list[str]:
+    """`--augment` values: kinds, `all` for every kind, `none` for no augmentation."""
+    from .data.augment import AUGMENTS
+
+    return list(AUGMENTS) if "all" in values else [kind for kind in values if kind != "none"]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .training import train
 
+    args.augment = _augment_kinds(args.augment)
     train(TrainConfig(out=args.out, **{name: getattr(args, name) for name in _TRAIN_FLAGS}), args.base)
     return 0
 
@@ -243,6 +253,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .calibration import CalibrationConfig
     from .config import ESSConfig, TrainConfig
+    from .data.augment import AUGMENTS
     from .generation import Policy
     from .generation.policy import add_policy_flags
     from .server import ServeConfig
@@ -332,6 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.refusal_resamples,
         help="sampled answers tried where the base model's answer to a benign prompt declines "
         f"(default {d.refusal_resamples}: keep the greedy answers)",
+    )
+    train.add_argument(
+        "--augment",
+        nargs="+",
+        choices=[*AUGMENTS, "all", "none"],
+        default=d.augment,
+        help="attack-shaped variants of the alignment prompts, [CLS] loss only: some of "
+        f"{', '.join(AUGMENTS)}, all, or none (default {' '.join(d.augment) or 'none'})",
+    )
+    train.add_argument(
+        "--augment-rate",
+        type=float,
+        default=d.augment_rate,
+        help=f"variant rows per alignment row (default {d.augment_rate:g})",
     )
     train.add_argument(
         "--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})"

@@ -146,6 +146,13 @@ class TrainConfig:
     third of the benign seed prompts out, a different third for each seed; using them all flagged
     2.5 % of held-out benign-but-alarming prompts instead of 7.5 % at seed 1 (README, *Data*)."""
 
+    augment: list[str] = field(default_factory=list)
+    """Kinds of attack-shaped variants of the alignment prompts (`ess.data.augment.AUGMENTS`: tense,
+    framing, persuasion, roleplay, affix, noise), added to the alignment phase as query-only rows
+    with the [CLS] loss alone; empty: none (the paper's recipe)."""
+    augment_rate: float = 0.5
+    """Variant rows per alignment row of each class, the kinds taking turns."""
+
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (2e-5 if self.full else 3e-4)

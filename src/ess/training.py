@@ -32,9 +32,11 @@ from tqdm import tqdm
 
 from .calibration import CalibrationConfig, CalibrationError, calibrate_response_threshold, describe
 from .config import TrainConfig
+from .data.augment import augment_examples, check_kinds
 from .data.encoding import ChatEncoder, Encoded
 from .data.loaders import load_examples
 from .data.recipe import alignment_examples, calibration_split, load_sources, pretraining_texts
+from .data.schema import LABELS
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
 
@@ -60,6 +62,10 @@ def train(config: TrainConfig, base: str) -> Path:
     ):
         if getattr(config, name) < least:
             raise TrainingError(f"{name} must be at least {least}, not {getattr(config, name)}")
+    try:
+        check_kinds(config.augment)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
     response_calibration = _response_calibration(config) if Phase.ALIGN in PHASES[config.phase] else None
     # Without CUDA, processes started by `accelerate launch` join one gloo process group (MULTI_CPU).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -144,7 +150,11 @@ def _phase_items(
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed, config.refusal_resamples)
     replay_items = [encoder.encode_text(text, label, lm_loss=False) for text, label in windows]
-    return [encoder.encode_example(example) for example in mixture], replay_items
+    # Attack-shaped variants: [CLS] + query only, no LM targets, so they carry the [CLS] loss alone.
+    variants = augment_examples(mixture, config.augment, config.augment_rate, config.seed)
+    items = [encoder.encode_example(example) for example in mixture]
+    items += [encoder.encode_query(v.query, LABELS.index(v.label)) for v in variants]
+    return items, replay_items
 
 
 def _calibrate(model: ESSModel, calibration: list, config: TrainConfig, accelerator) -> None:
