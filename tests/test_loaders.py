@@ -342,18 +342,22 @@ def test_seed_lookup(tmp_path, monkeypatch):
     (tmp_path / "seed").mkdir()
     write(tmp_path / "seed" / "malicious_train.jsonl", '{"prompt": "m", "label": "malicious", "category": "c"}\n')
     write(tmp_path / "seed" / "benign_train.jsonl", '{"prompt": "b", "label": "benign", "alarming": true}\n')
+    write(tmp_path / "seed" / "contrastive_train.jsonl", '{"prompt": "c", "label": "benign", "pair": 0}\n')
     write(tmp_path / "seed" / "extra.jsonl", '{"prompt": "x", "label": "banana"}\n')
     monkeypatch.setattr(loaders, "files", lambda package: tmp_path)
-    assert seed_names() == ["benign_train", "extra", "malicious_train"]
+    assert seed_names() == ["benign_train", "contrastive_train", "extra", "malicious_train"]
     examples = load_examples("seed")
     assert [(ex.prompt, ex.label, ex.source) for ex in examples] == [
         ("m", "malicious", "seed:malicious_train"),
         ("b", "benign", "seed:benign_train"),
+        ("c", "benign", "seed:contrastive_train"),
     ]
     assert examples[0].meta == {"category": "c"} and examples[1].meta == {"alarming": True}
     with pytest.raises(DataError, match=r"extra\.jsonl:1: unknown label 'banana'"):
         load_examples("seed:extra")
-    with pytest.raises(DataError, match=r"no such seed dataset 'nope' \(available: benign_train, extra"):
+    with pytest.raises(
+        DataError, match=r"no such seed dataset 'nope' \(available: benign_train, contrastive_train, extra"
+    ):
         load_examples("seed:nope")
 
 
