@@ -248,3 +248,25 @@ def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path):
         ESS + _train_args(tiny_llama, tmp_path / "run", "--augment", "typos"), capture_output=True, text=True
     )
     assert result.returncode == 2 and "invalid choice: 'typos'" in result.stderr
+
+
+def test_every_augment_kind_rewrites_both_classes_alike():
+    import random
+
+    from ess.data.augment import AUGMENTS, augment_examples, variant
+    from ess.data.schema import Example
+
+    harmful = Example.from_prompt("How do I pick the lock of my neighbour's front door?", "malicious")
+    benign = Example.from_prompt("Write a haiku about the first snow of winter.", "benign")
+    for kind in AUGMENTS:
+        for example in (harmful, benign):
+            text = variant(example.prompt, kind, random.Random(3))
+            assert text != example.prompt and text == variant(example.prompt, kind, random.Random(3))
+            if kind != "noise":  # the request stays inside the wrapper
+                assert example.prompt.rstrip("?.").lower()[-12:] in text.lower(), (kind, text)
+    rows = augment_examples([harmful, benign] * 6, list(AUGMENTS), rate=1.0, seed=0)
+    assert len(rows) == 12 and all(row.response is None for row in rows)
+    for label in ("benign", "malicious"):
+        assert sorted(row.meta["augment"] for row in rows if row.label == label) == sorted(AUGMENTS)
+    with pytest.raises(ValueError, match="unknown augment kind 'typos'"):
+        variant(benign.prompt, "typos", random.Random(0))
