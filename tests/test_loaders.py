@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import sys
 import types
@@ -14,7 +15,7 @@ import pytest
 
 from ess.data import DataError, Example, load_examples, load_prompts, loaders, seed_names
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("ESS_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data folder {SHARED} not present")
 needs_seed = pytest.mark.skipif(
     not {"malicious_train", "benign_train"} <= set(seed_names()),
@@ -341,18 +342,22 @@ def test_seed_lookup(tmp_path, monkeypatch):
     (tmp_path / "seed").mkdir()
     write(tmp_path / "seed" / "malicious_train.jsonl", '{"prompt": "m", "label": "malicious", "category": "c"}\n')
     write(tmp_path / "seed" / "benign_train.jsonl", '{"prompt": "b", "label": "benign", "alarming": true}\n')
+    write(tmp_path / "seed" / "contrastive_train.jsonl", '{"prompt": "c", "label": "benign", "pair": 0}\n')
     write(tmp_path / "seed" / "extra.jsonl", '{"prompt": "x", "label": "banana"}\n')
     monkeypatch.setattr(loaders, "files", lambda package: tmp_path)
-    assert seed_names() == ["benign_train", "extra", "malicious_train"]
+    assert seed_names() == ["benign_train", "contrastive_train", "extra", "malicious_train"]
     examples = load_examples("seed")
     assert [(ex.prompt, ex.label, ex.source) for ex in examples] == [
         ("m", "malicious", "seed:malicious_train"),
         ("b", "benign", "seed:benign_train"),
+        ("c", "benign", "seed:contrastive_train"),
     ]
     assert examples[0].meta == {"category": "c"} and examples[1].meta == {"alarming": True}
     with pytest.raises(DataError, match=r"extra\.jsonl:1: unknown label 'banana'"):
         load_examples("seed:extra")
-    with pytest.raises(DataError, match=r"no such seed dataset 'nope' \(available: benign_train, extra"):
+    with pytest.raises(
+        DataError, match=r"no such seed dataset 'nope' \(available: benign_train, contrastive_train, extra"
+    ):
         load_examples("seed:nope")
 
 
@@ -371,32 +376,90 @@ def _words(text: str) -> frozenset[str]:
 
 
 def _near_duplicates(prompts: list[str], others: list[str], limit: float = 0.6) -> list[tuple[str, str]]:
-    """Pairs whose word-set Jaccard similarity reaches `limit`."""
-    other_words = [(o, _words(o)) for o in others]
+    """Pairs whose word-set Jaccard similarity reaches `limit` (an index of words: only pairs sharing one are scored)."""
+    other_words = [_words(o) for o in others]
+    index: dict[str, list[int]] = {}
+    for i, words in enumerate(other_words):
+        for word in words:
+            index.setdefault(word, []).append(i)
     pairs = []
     for p in prompts:
         words = _words(p)
-        pairs += [(p, o) for o, w in other_words if len(words & w) >= limit * len(words | w)]
+        shared = Counter(i for word in words for i in index.get(word, ()))
+        pairs += [(p, others[i]) for i, n in shared.items() if n >= limit * (len(words) + len(other_words[i]) - n)]
     return pairs
 
 
+SPLITS = {"train": ("seed",), "dev": ("dev_",), "test": ("test_",), "calibration": ("calibration_",)}
+"""docs/data.md: the seed sets of each split (`seed` is the training data)."""
+
+
+def _split(name: str) -> list[str]:
+    if name == "train":
+        return load_prompts("seed")
+    return [p for seed in seed_names() if seed.startswith(SPLITS[name]) for p in load_prompts(f"seed:{seed}")]
+
+
 @needs_seed
-def test_held_out_and_calibration_seed_prompts_are_not_in_training():
-    train = load_prompts("seed")
-    held_out = [p for name in seed_names() if name.startswith("heldout") for p in load_prompts(f"seed:{name}")]
-    calibration = load_prompts("seed:calibration_benign")
-    assert held_out and calibration and len(set(train)) == len(train)
-    assert _near_duplicates(held_out + calibration, train) == []
-    assert _near_duplicates(calibration, held_out) == []
+def test_every_seed_set_belongs_to_one_split():
+    train = set(loaders.SEED_TRAIN)
+    assert {
+        name
+        for name in seed_names()
+        if name not in train and not name.startswith(SPLITS["dev"] + SPLITS["test"] + SPLITS["calibration"])
+    } == set()
+    assert {"dev_harmful", "dev_benign_alarming", "test_harmful", "test_benign_alarming"} <= set(seed_names())
+    assert load_prompts("seed:heldout_harmful") == load_prompts("seed:dev_harmful")
+
+
+@needs_seed
+def test_the_splits_share_no_prompt_or_near_duplicate():
+    splits = {name: _split(name) for name in SPLITS}
+    assert all(splits.values())
+    for name, prompts in splits.items():
+        assert len(set(prompts)) == len(prompts), f"{name} repeats a prompt"
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert _near_duplicates(splits[a], splits[b]) == [], (a, b)
+
+
+@needs_seed
+def test_test_sets_hold_no_augmentation_wording():
+    from ess.data.augment import TEMPLATE_TEXTS
+
+    fixed = [piece for text in TEMPLATE_TEXTS for piece in re.split(r"\{task\}|\{prompt\}", text) if len(piece) > 20]
+    test = _split("test")
+    assert [(p, f) for p in test for f in fixed if f.strip().lower() in p.lower()] == []
+    assert _near_duplicates(test, [f for f in fixed if len(_words(f)) > 4], limit=0.5) == []
+
+
+def _public_prompts() -> list[str]:
+    """The prompts of every public evaluation and training set under SHARED (README there)."""
+    files = [
+        "advbench/harmful_behaviors.csv",
+        "advbench/transfer_expriment_behaviors.csv",
+        "autodan/harmful_behaviors_autodan.csv",
+        "malicious_instruct/MaliciousInstruct.txt",
+        "xstest/xstest_prompts.csv",
+        "hh_rlhf/harmless-base/test.jsonl.gz",
+        "safety_tuned_llamas/training/safety_only_data_Instructions.json",
+        *(
+            f"safety_tuned_llamas/evaluation/{p.name}"
+            for p in sorted((SHARED / "safety_tuned_llamas" / "evaluation").glob("*.json"))
+        ),
+        *(f"deepinception/res/{p.name}" for p in sorted((SHARED / "deepinception" / "res").glob("*.json"))),
+    ]
+    prompts = [e.prompt for f in files for e in load(f)]
+    # DeepInception's plain requests (inside its templates), and PAP's persuasion examples.
+    prompts += [e.meta["plain_attack"] for e in load("deepinception/res/data_main.json") if "plain_attack" in e.meta]
+    taxonomy = (SHARED / "pap" / "persuasion_taxonomy.jsonl").read_text().splitlines()
+    prompts += [json.loads(line)["ss_example"] for line in taxonomy if line.strip()]
+    return prompts
 
 
 @needs_seed
 @needs_shared
 def test_seed_prompts_are_not_taken_from_evaluation_sets():
     seed = [p for name in seed_names() for p in load_prompts(f"seed:{name}")]
-    public = (
-        load_prompts(SHARED / "advbench" / "harmful_behaviors.csv")
-        + load_prompts(SHARED / "malicious_instruct" / "MaliciousInstruct.txt")
-        + load_prompts(SHARED / "xstest" / "xstest_prompts.csv")
-    )
-    assert _near_duplicates(seed, public) == []
+    assert _near_duplicates(seed, _public_prompts()) == []

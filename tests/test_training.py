@@ -214,3 +214,57 @@ def test_benign_targets_that_decline_are_resampled_or_left_out(tiny_llama, tmp_p
     last = json.loads(_cache_file(tiny_llama, 48, 0).read_text().splitlines()[-1])
     assert (last["prompt"], last["answer"]) == (prompts[0], resampled)
     assert helpful_answers(tiny_llama, prompts, attempts=0)[prompts[1]] == refused
+
+
+def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_path):
+    from dataclasses import replace
+
+    from ess.config import TrainConfig
+    from ess.data.encoding import ChatEncoder
+    from ess.data.recipe import load_sources
+    from ess.masks import Phase, Role
+    from ess.model import ESSModel
+    from ess.training import _phase_items
+
+    model = ESSModel.from_base(tiny_llama)
+    encoder = ChatEncoder.for_model(model, 160)
+    # Benign rows with answers of their own: the tiny model's answers are empty, and empty targets are left out.
+    examples = [replace(e, response=e.response or "Here is how.") for e in load_sources(DATA[1:])]
+    plain = TrainConfig(out=str(tmp_path), data=DATA[1:])
+    augmented = TrainConfig(out=str(tmp_path), data=DATA[1:], augment=["tense", "noise"], augment_rate=0.5)
+    base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples, set())
+    items, _ = _phase_items(Phase.ALIGN, augmented, model, encoder, examples, set())
+    extra = items[len(base_items) :]
+    assert len(extra) == len(base_items) // 2
+    assert {item.label for item in extra} == {0, 1}
+    assert all(not any(item.lm_target) and Role.RESPONSE not in item.roles for item in extra)
+    assert sum(item.label for item in extra) == len(extra) // 2
+
+
+def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path):
+    result = subprocess.run(
+        ESS + _train_args(tiny_llama, tmp_path / "run", "--augment", "typos"), capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "invalid choice: 'typos'" in result.stderr
+
+
+def test_every_augment_kind_rewrites_both_classes_alike():
+    import random
+
+    from ess.data.augment import AUGMENTS, augment_examples, variant
+    from ess.data.schema import Example
+
+    harmful = Example.from_prompt("How do I pick the lock of my neighbour's front door?", "malicious")
+    benign = Example.from_prompt("Write a haiku about the first snow of winter.", "benign")
+    for kind in AUGMENTS:
+        for example in (harmful, benign):
+            text = variant(example.prompt, kind, random.Random(3))
+            assert text != example.prompt and text == variant(example.prompt, kind, random.Random(3))
+            if kind != "noise":  # the request stays inside the wrapper
+                assert example.prompt.rstrip("?.").lower()[-12:] in text.lower(), (kind, text)
+    rows = augment_examples([harmful, benign] * 6, list(AUGMENTS), rate=1.0, seed=0)
+    assert len(rows) == 12 and all(row.response is None for row in rows)
+    for label in ("benign", "malicious"):
+        assert sorted(row.meta["augment"] for row in rows if row.label == label) == sorted(AUGMENTS)
+    with pytest.raises(ValueError, match="unknown augment kind 'typos'"):
+        variant(benign.prompt, "typos", random.Random(0))

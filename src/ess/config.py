@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .baseline import METHODS
-from .fields import check, option
+from .fields import FieldError, check, option
 from .jsonfiles import write_json
 from .precision import PRECISIONS
 
@@ -167,8 +167,21 @@ class TrainConfig:
         min=2,
     )
 
+    augment: list[str] = option(
+        "attack-shaped variants of the alignment prompts added as query-only rows with the [CLS] loss alone "
+        "(the kinds of ess.data.augment.AUGMENTS: tense, framing, persuasion, roleplay, affix, noise), all, or none",
+        default_factory=list,
+    )
+    augment_rate: float = option("variant rows per alignment row of each class, the kinds taking turns", 0.5, min=0)
+
     def __post_init__(self):
         check(self)
+        from .data.augment import AUGMENTS  # here, not at the top: the attacks it builds on import this module
+
+        unknown = sorted(set(self.augment) - {*AUGMENTS, "all", "none"})
+        if unknown:
+            raise FieldError(f"augment: unknown kind(s) {', '.join(unknown)} (known: {', '.join(AUGMENTS)}, all, none)")
+        self.augment = list(AUGMENTS) if "all" in self.augment else [k for k in self.augment if k != "none"]
 
     @property
     def peak_lr(self) -> float:

@@ -34,10 +34,12 @@ from tqdm import tqdm
 from .baseline import METHOD_FILE, is_baseline, save_plain
 from .calibration import CalibrationConfig, CalibrationError, calibrate_response_threshold, describe
 from .config import TrainConfig
+from .data.augment import augment_examples
 from .data.encoding import ChatEncoder, Encoded
 from .data.loaders import load_examples
 from .data.recipe import alignment_examples, load_sources, pretraining_texts
 from .data.recovery import baseline_items
+from .data.schema import LABELS
 from .fields import check
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
@@ -165,7 +167,11 @@ def _phase_items(
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed, config.refusal_resamples)
     replay_items = [encoder.encode_text(text, label, lm_loss=False) for text, label in windows]
-    return [encoder.encode_example(example) for example in mixture], replay_items
+    # Attack-shaped variants: [CLS] + query only, no LM targets, so they carry the [CLS] loss alone.
+    variants = augment_examples(mixture, config.augment, config.augment_rate, config.seed)
+    items = [encoder.encode_example(example) for example in mixture]
+    items += [encoder.encode_query(v.query, LABELS.index(v.label)) for v in variants]
+    return items, replay_items
 
 
 def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:

@@ -8,8 +8,9 @@ Public API::
 
 `spec` is one of:
 
-* ``seed`` (the bundled training data, ``seed/malicious_train.jsonl`` + ``seed/benign_train.jsonl``)
-  or ``seed:NAME`` (``seed/NAME.jsonl``, e.g. ``seed:heldout_harmful``);
+* ``seed`` (the bundled training data: ``seed/malicious_train.jsonl``, ``seed/benign_train.jsonl`` and
+  ``seed/contrastive_train.jsonl``) or ``seed:NAME`` (``seed/NAME.jsonl``, e.g. ``seed:dev_harmful``;
+  ``heldout_*`` still names the ``dev_*`` sets). Which set is for what: ``docs/data.md``;
 * a file, or a directory holding exactly one data file. Known public formats are detected from the
   file name and the first record's keys:
     - AdvBench ``harmful_behaviors.csv`` and AutoDAN ``harmful_behaviors_autodan.csv`` (goal,target),
@@ -59,7 +60,9 @@ from .schema import LABELS, DataError, Example, validate_example
 
 __all__ = ["load_examples", "load_prompts", "seed_names"]
 
-SEED_TRAIN = ("malicious_train", "benign_train")
+SEED_TRAIN = ("malicious_train", "benign_train", "contrastive_train")
+SEED_ALIASES = {f"heldout_{name}": f"dev_{name}" for name in ("harmful", "benign", "benign_alarming")}
+"""Former names of the dev sets (`seed:heldout_harmful` reads `seed:dev_harmful`)."""
 
 
 def load_examples(spec: str | os.PathLike[str], *, label: str | None = None, limit: int | None = None) -> list[Example]:
@@ -109,6 +112,7 @@ def _load(spec: str, label: str | None) -> Iterator[Example]:
 
 
 def _load_seed(name: str, label: str | None) -> Iterator[Example]:
+    name = SEED_ALIASES.get(name, name)
     resource = files("ess.data") / "seed" / f"{name}.jsonl"
     if not resource.is_file():
         available = ", ".join(seed_names()) or "none yet"
