@@ -146,6 +146,8 @@ class EvalConfig:
     """Override of the response tokens before a benign query's [CLS] is re-evaluated."""
     response_threshold: float | None = None
     """Override of the p(malicious) at which a verdict on response text alone counts (rules 2, 3)."""
+    hold_back: int | None = None
+    """Override of the generated tokens held until no verdict can withdraw them."""
     strategic_attention: bool = True
     """False: re-evaluations read the whole query and response (ablation of the attention rules)."""
     data_root: str = str(DEFAULT_DATA_ROOT)

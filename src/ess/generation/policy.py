@@ -36,6 +36,8 @@ def validate(policy: Policy) -> Policy:
         raise PolicyError(f"unknown reliance {policy.reliance!r}: expected one of {', '.join(RELIANCES)}")
     if min(policy.tau, policy.r1, policy.r2, policy.r3, policy.min_window) < 1:
         raise PolicyError("tau, r1, r2, r3 and min_window must be at least 1")
+    if policy.hold_back < 0:
+        raise PolicyError(f"hold_back must be at least 0, got {policy.hold_back}")
     if policy.response_threshold is not None and not 0 < policy.response_threshold <= 1:
         raise PolicyError(f"response_threshold must be in (0, 1], got {policy.response_threshold}")
     return policy
@@ -53,11 +55,12 @@ POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
         float,
         "p(malicious) at which a verdict on response text alone counts (rules 2 and 3; default: the model's)",
     ),
+    ("hold_back", int, "generated tokens held until no verdict can withdraw them (0: release at once)"),
 )
 
 
 def add_policy_flags(parser: argparse.ArgumentParser, ablation: bool = False) -> None:
-    """`--schedule`, `--reliance`, `--tau`, `--min-window`, `--response-threshold`; with `ablation`
+    """`--schedule`, `--reliance`, `--tau`, `--min-window`, `--response-threshold`, `--hold-back`; with `ablation`
     they default to None (keep the policy's value) and say so."""
     for name, kind, text in POLICY_FLAGS:
         default = None if ablation else getattr(Policy, name)
@@ -73,7 +76,7 @@ def add_policy_flags(parser: argparse.ArgumentParser, ablation: bool = False) ->
 
 def policy_overrides(values: object) -> dict:
     """The policy flags' values that were given (not None) in parsed flags or a config, by field name."""
-    found = {name: getattr(values, name) for name, _, _ in POLICY_FLAGS}
+    found = {name: getattr(values, name, None) for name, _, _ in POLICY_FLAGS}
     return {name: value for name, value in found.items() if value is not None}
 
 
@@ -109,6 +112,13 @@ def reevaluate_at(schedule: str, n: int) -> bool:
     return n % schedule_interval(schedule) == 0
 
 
+def reevaluates_after(schedule: str, n: int) -> bool:
+    """Whether [CLS] may still be re-evaluated once more than n response tokens have been fed."""
+    if schedule in ("none", "first"):
+        return False
+    return schedule != "annealing" or n < 128
+
+
 class RowPolicy:
     """The ESS state of one request during decoding."""
 
@@ -119,6 +129,7 @@ class RowPolicy:
         self.query_malicious = False
         self.transition_at: int | None = None
         self.consecutive = 0
+        self.run_start: int | None = None  # first token of the window that opened the malicious run
         self.intervened = False
 
     @property
@@ -154,13 +165,30 @@ class RowPolicy:
             return self._act(p >= self.threshold, False)
         malicious = p >= self.response_threshold
         if malicious:
+            if self.consecutive == 0:
+                self.run_start = self.span(n).start
             self.consecutive += 1
             if self.transition_at is None:
                 self.transition_at = n  # rule 3: look around the point where the text turned
         else:
             self.consecutive = 0
-            self.transition_at = None  # back to rule 2: one alarming word is tolerated
+            self.transition_at = self.run_start = None  # back to rule 2: one alarming word is tolerated
         return self._act(malicious, self.consecutive >= self.policy.tau)
+
+    def held_from(self, n: int) -> int:
+        """The first of n response tokens that a later verdict could still withdraw (n: none)."""
+        policy = self.policy
+        if (
+            policy.hold_back == 0
+            or self.intervened
+            or policy.reliance == "low"
+            or not reevaluates_after(policy.schedule, n)
+        ):
+            return n
+        start = n - policy.hold_back
+        if self.run_start is not None:
+            start = min(start, self.run_start)
+        return max(0, start)
 
     def _act(self, malicious: bool, medium_trigger: bool) -> str | None:
         reliance = self.policy.reliance
