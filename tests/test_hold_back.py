@@ -83,3 +83,21 @@ def test_nothing_of_the_flagged_window_is_released_when_hold_back_covers_r2(late
         assert generation.tokens_before_intervention <= max(prefill, run[0].span[0])
         checked += 1
     assert checked >= 5
+
+
+def test_stream_releases_only_what_is_shown_and_adds_up_to_the_text(late):
+    from ess import generate_stream
+
+    model, requests = late
+    requests = _holding(requests, HOLDS)
+    texts = [""] * len(requests)
+    finals = {}
+    for event in generate_stream(model, requests, batch_size=len(requests)):
+        assert event.index not in finals  # nothing after a request's final event
+        texts[event.index] += event.text
+        if event.generation is not None:
+            finals[event.index] = event.generation
+    expected = generate(model, requests, batch_size=len(requests))
+    assert [finals[i].text for i in range(len(requests))] == [g.text for g in expected] == texts
+    withdrawn = [g.withdrawn_text for g in expected if g.withdrawn_text.strip()]
+    assert withdrawn and all(w not in t for w, t in zip(withdrawn, texts))
