@@ -60,3 +60,36 @@ def test_default_model_plain_mode_equals_hf_generate(model, hf_greedy):
     ]
     ours = generate(model, requests, batch_size=2)
     assert [g.token_ids for g in ours] == hf_greedy(model, prompts, 24)
+
+
+def test_default_model_rollback_loop_is_exact(model):
+    """Hold-back on the default model: each benign answer is stopped at its first verdict past
+    token 4 (tau 1, a response threshold just under it), mixed schedules and reliances in one batch;
+    the rollback loop equals the from-scratch reference."""
+    import dataclasses
+
+    cases = [
+        ("How do plants make food?", "every", "medium"),
+        ("Give me a tip for sleeping better.", "periodic:3", "high"),
+        ("What is a prime number?", "annealing", "medium"),
+    ]
+    model.config.threshold = 1.01  # every first verdict benign
+    requests = []
+    for q, schedule, reliance in cases:
+        policy = Policy(schedule=schedule, reliance=reliance, tau=1, r2=5, r3=3, min_window=2, hold_back=3)
+        request = Request([{"role": "user", "content": q}], sampling=Sampling(max_new_tokens=20), policy=policy)
+        watched = dataclasses.replace(
+            request, policy=dataclasses.replace(policy, reliance="low", response_threshold=1.0)
+        )
+        trace = [t for t in generate(model, [watched])[0].trace[1:]]
+        later = max(t.p_malicious for t in trace if t.step >= 6)
+        earlier = max([t.p_malicious for t in trace if t.step < 6], default=0.0)
+        if later - earlier > 1e-3:  # a threshold the answer first crosses past token 6
+            policy.response_threshold = (later + max(earlier, later - 1e-2)) / 2
+        requests.append(request)
+    fast = generate(model, requests, batch_size=3)
+    slow = generate(model, requests, reference=True)
+    for a, b in zip(fast, slow):
+        assert a.token_ids == b.token_ids and a.withdrawn_token_ids == b.withdrawn_token_ids
+        assert max(abs(t.p_malicious - u.p_malicious) for t, u in zip(a.trace, b.trace)) <= 1e-4
+    assert any(g.withdrawn_token_ids for g in fast)

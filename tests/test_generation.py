@@ -101,6 +101,17 @@ def test_a_rendered_query_generates_as_its_messages_do(tiny_llama):
     _assert_same(generate(model, rendered), generate(model, requests))
 
 
+def test_sampled_outputs_do_not_depend_on_batch_size_or_composition(tiny_llama):
+    model = _model(tiny_llama)
+    requests = _requests(8)
+    for request in requests:
+        request.sampling.temperature = 1.0  # no seed: each request is seeded from its own index
+    together = [g.token_ids for g in generate(model, requests, batch_size=6)]
+    assert [g.token_ids for g in generate(model, requests, batch_size=4)] == together
+    alone = [generate(model, [r] * (i + 1), batch_size=1)[i].token_ids for i, r in enumerate(requests[:3])]
+    assert alone == together[:3]
+
+
 def test_reevaluation_is_read_by_later_tokens(tiny_llama):
     """Implicit leverage: the token fed with a re-evaluation, and every later one, reads the new [CLS]."""
     from ess.generation.engines import CachedEngine
@@ -166,8 +177,9 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_llama):
     from ess.generation import GenerationError
 
     model = _model(tiny_llama)
-    with pytest.raises(GenerationError, match="exceeds the model's context"):
-        generate(model, [Request([{"role": "user", "content": "word " * 600}])])
+    short = Request([{"role": "user", "content": "Hi"}])
+    with pytest.raises(GenerationError, match="^request 2: .*exceeds the model's context"):
+        generate(model, [short, short, Request([{"role": "user", "content": "word " * 600}])], batch_size=1)
 
 
 def test_sampling_rules():

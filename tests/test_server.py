@@ -77,7 +77,6 @@ def test_a_malicious_verdict_answers_with_the_explained_refusal(served):
         ({"messages": QUESTION + [{"role": "assistant", "content": "Sure"}]}, "the last message must be the user's"),
         ({"messages": QUESTION, "temperature": -1}, "'temperature' must be at least 0"),
         ({"messages": QUESTION, "max_tokens": "ten"}, "'max_tokens' must be an integer"),
-        ({"messages": QUESTION, "stream": True}, "streaming is not supported"),
         ({"messages": [{"role": "user", "content": "word " * 600}]}, "exceeds the model's context"),
     ],
 )
@@ -143,3 +142,64 @@ def test_ess_serve_refuses_a_port_in_use_in_one_line(served, tiny_llama):
     )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def _sse(url: str, body: dict) -> list:
+    """The `data:` payloads of a raw streamed answer."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        lines = [line.decode().rstrip("\n") for line in response]
+    data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_raw_http_stream_is_server_sent_chunks_ending_with_the_ess_object(served):
+    _, url, _ = served
+    body = {"messages": QUESTION, "max_tokens": 10, "temperature": 1.0, "seed": 7}
+    chunks = _sse(url + "/v1/chat/completions", {**body, "stream": True})
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    final = chunks[-1]
+    assert final["choices"][0]["finish_reason"] in ("stop", "length") and final["ess"]["text"] == streamed
+    status, answer = _call(url + "/v1/chat/completions", body)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == streamed
+
+
+def test_openai_client_streams_and_not(served):
+    import openai
+
+    _, url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    kwargs = dict(model="tiny", messages=QUESTION, max_tokens=10, temperature=1.0, seed=3)
+    whole = client.chat.completions.create(**kwargs)
+    pieces = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+    assert streamed == whole.choices[0].message.content
+    assert pieces[-1].model_extra["ess"]["text"] == streamed
+
+
+def test_a_withdrawn_answer_never_streams_a_withdrawn_token(tiny_llama):
+    from late import late_requests, lively
+    from test_generation import _model
+    from test_hold_back import BEFORE
+
+    model = lively(_model(tiny_llama))
+    request = late_requests(model, BEFORE["sampled"]["response_thresholds"])[0]  # stopped mid-way
+    config = ServeConfig(name="tiny", policy=request.policy, max_new_tokens=24, batch_size=2, batch_wait=0.2)
+    server = ChatServer(("127.0.0.1", 0), model, config)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+        body = {"messages": request.messages, "max_tokens": 24, "temperature": 1.0, "seed": request.sampling.seed}
+        expected = generate(model, [Request(request.messages, sampling=request.sampling, policy=request.policy)])[0]
+        assert expected.intervened and expected.withdrawn_token_ids
+        chunks = _sse(url, {**body, "stream": True})
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert streamed == expected.text and chunks[-1]["ess"]["withdrawn_text"] == expected.withdrawn_text
+        assert expected.withdrawn_text.strip() and expected.withdrawn_text not in streamed
+    finally:
+        server.shutdown()
+        server.server_close()

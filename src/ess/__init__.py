@@ -9,7 +9,17 @@ from .calibration import CalibrationConfig, calibrate_response_threshold
 from .classify import Verdict, classify
 from .config import ESSConfig, TrainConfig
 from .data import DataError, Example, load_examples, load_prompts
-from .generation import Generation, Policy, Request, Sampling, TraceEntry, generate, load_model
+from .generation import (
+    Generation,
+    Policy,
+    Request,
+    Sampling,
+    StreamEvent,
+    TraceEntry,
+    generate,
+    generate_stream,
+    load_model,
+)
 from .hub import DEFAULT_MODEL
 from .model import ESSModel
 from .training import train
@@ -27,12 +37,14 @@ __all__ = [
     "Policy",
     "Request",
     "Sampling",
+    "StreamEvent",
     "TrainConfig",
     "TraceEntry",
     "Verdict",
     "calibrate_response_threshold",
     "classify",
     "generate",
+    "generate_stream",
     "load_examples",
     "load_model",
     "load_prompts",

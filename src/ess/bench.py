@@ -1,7 +1,8 @@
 """Throughput and overhead of each re-classification schedule, measured in one run.
 
 overhead = time with ESS / time of `none` (the same model, same loop, no [CLS]) - 1, for the
-same prompts and the same number of generated tokens (EOS ignored). Each configuration is run
+same prompts and the same number of generated tokens (EOS ignored). The hold-back row compares
+annealing at medium reliance with the default `Policy.hold_back` against the same with 0. Each configuration is run
 `repeats` times and the fastest run counts, which filters out noise from other processes.
 """
 
@@ -58,14 +59,19 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def _requests(batch: int, schedule: str, max_new_tokens: int) -> list[Request]:
+def _requests(batch: int, schedule: str, max_new_tokens: int, hold_back: int | None = None) -> list[Request]:
     # Low reliance: every schedule does all its re-evaluations and nothing is inserted, so each
-    # configuration generates the same tokens' worth of work.
+    # configuration generates the same tokens' worth of work. The hold-back pair runs medium
+    # reliance (hold-back holds only what a verdict could withdraw) with a response threshold no
+    # verdict reaches, so that both do the same work and only the holding differs.
+    policy = Policy(schedule=schedule, reliance="low")
+    if hold_back is not None:
+        policy = Policy(schedule=schedule, reliance="medium", response_threshold=1.0, hold_back=hold_back)
     return [
         Request(
             [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             sampling=Sampling(max_new_tokens=max_new_tokens, ignore_eos=True),
-            policy=Policy(schedule=schedule, reliance="low"),
+            policy=policy,
         )
         for i in range(batch)
     ]
@@ -104,6 +110,12 @@ def run_bench(model: ESSModel, config: BenchConfig) -> dict:
             seconds[schedule] = min(
                 _time(lambda r=requests, b=batch: generate(model, r, batch_size=b)) for _ in range(config.repeats)
             )
+        held = {}
+        for hold_back in (0, Policy.hold_back):
+            requests = _requests(batch, "annealing", config.max_new_tokens, hold_back)
+            held[hold_back] = min(
+                _time(lambda r=requests, b=batch: generate(model, r, batch_size=b)) for _ in range(config.repeats)
+            )
         hf_seconds = min(_hf_generate_seconds(model, batch, config.max_new_tokens) for _ in range(config.repeats))
         hf[str(batch)] = tokens / hf_seconds
         for schedule in config.schedules:
@@ -117,6 +129,16 @@ def run_bench(model: ESSModel, config: BenchConfig) -> dict:
             logger.info(
                 f"batch {batch:3d}  {schedule:12s} {row['tokens_per_s']:9.1f} tok/s  overhead {row['overhead']:+.3f}"
             )
+        row = {
+            "schedule": f"annealing, hold-back {Policy.hold_back} vs 0",
+            "batch": batch,
+            "tokens_per_s": tokens / held[Policy.hold_back],
+            "overhead": held[Policy.hold_back] / held[0] - 1,
+        }
+        rows.append(row)
+        logger.info(
+            f"batch {batch:3d}  {'hold-back':12s} {row['tokens_per_s']:9.1f} tok/s  overhead {row['overhead']:+.3f} vs 0"
+        )
         logger.info(
             f"batch {batch:3d}  {'hf generate':12s} {hf[str(batch)]:9.1f} tok/s  "
             f"(none runs at {seconds['none'] and hf_seconds / seconds['none']:.2f}x of it)"

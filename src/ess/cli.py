@@ -109,19 +109,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _describe(generation) -> str:
     """A human-readable answer with its verdict and the intervention point."""
+    return "\n".join([*_verdict_lines(generation), generation.text]) + "\n"
+
+
+def _verdict_lines(generation) -> list[str]:
+    """The verdict and the intervention point, in words."""
     lines = []
     if generation.p_malicious is not None:
         lines.append(
             f"[first verdict p(malicious)={generation.p_malicious:.3f}; {len(generation.trace) - 1} re-evaluations]"
         )
     if generation.intervened:
-        lines.append(f"[ESS intervened after {generation.tokens_before_intervention} response tokens]")
-    lines.append(generation.text)
-    return "\n".join(lines) + "\n"
+        withdrawn = len(generation.withdrawn_token_ids)
+        lines.append(
+            f"[ESS intervened after {generation.tokens_before_intervention} shown response tokens; "
+            f"{withdrawn} held back and withdrawn]"
+        )
+    return lines
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .generation import Request, generate, load_model
+    from .generation import Request, generate_stream, load_model
 
     policy, sampling = _policy(args), _sampling(args)
     model = load_model(args.model)
@@ -138,8 +146,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = []
             continue
         messages.append({"role": "user", "content": line})
-        generation = generate(model, [Request(list(messages), "", sampling, policy)])[0]
-        print("ess> " + _describe(generation))
+        print("ess> ", end="", flush=True)
+        for event in generate_stream(model, [Request(list(messages), "", sampling, policy)]):
+            print(event.text, end="", flush=True)
+        generation = event.generation
+        print("\n" + "\n".join(_verdict_lines(generation)) + "\n")
         messages.append({"role": "assistant", "content": generation.text})
 
 

@@ -1,12 +1,16 @@
 """`ess serve`: an OpenAI-compatible chat endpoint over a guarded model, with the safety trace.
 
     POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed",
-                                 "top_k" (an extension)} -> a `chat.completion`, plus an `ess`
-                                 object: first verdict, intervention point and the [CLS] trace
+                                 "top_k" (an extension), "stream"} -> a `chat.completion`, plus an
+                                 `ess` object (the generation's `to_json()`: first verdict,
+                                 intervention point, withdrawn tokens, the [CLS] trace); with
+                                 "stream": true, server-sent `chat.completion.chunk` deltas of the
+                                 released text, a final chunk carrying `ess`, then `data: [DONE]`
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok"}
 
-One model; requests from concurrent connections are generated together in batches (`Batcher`).
+One model; requests from concurrent connections, streamed or not, are generated together in
+batches (`Batcher`); a streaming client that disconnects ends only its own row.
 Any OpenAI client works against it. Bad requests get a 400 with an OpenAI-style
 `{"error": {"message", "type"}}` naming the field, never a traceback. The standard library's HTTP
 server: no extra dependency, meant for a trusted network.
@@ -16,15 +20,16 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .data.encoding import ChatEncoder
-from .generation import GenerationError, Policy, Request, Sampling, generate
+from .generation import GenerationError, Policy, Request, Sampling, generate_stream
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = {"eos": "stop", "refusal": "stop", "length": "length"}
@@ -55,8 +60,6 @@ def chat_request(body: object, config: ServeConfig) -> Request:
     """The guarded-generation request of an OpenAI chat-completion body; raises RequestError."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
-    if body.get("stream"):
-        raise RequestError("'stream': streaming is not supported; send stream=false")
     if body.get("n", 1) != 1:
         raise RequestError("'n': only one choice per request is supported")
     messages = body.get("messages")
@@ -70,7 +73,7 @@ def chat_request(body: object, config: ServeConfig) -> Request:
         temperature=_number(body, "temperature", float, 0.0, least=0),
         top_p=_number(body, "top_p", float, 1.0, least=0),
         top_k=_number(body, "top_k", int, 0, least=0),
-        seed=_number(body, "seed", int, None),
+        seed=_number(body, "seed", int, random.randrange(2**31)),  # no seed: not tied to the batch
     )
     return Request(chat, sampling=sampling, policy=config.policy)
 
@@ -100,6 +103,23 @@ def _number(body: dict, key: str, kind: type, default, least: float | None = Non
     return kind(value)
 
 
+def ess_object(generation, request: Request) -> dict:
+    """The `ess` object of an answer: the generation's serialization and the policy's main fields."""
+    policy = {"schedule": request.policy.schedule, "reliance": request.policy.reliance, "tau": request.policy.tau}
+    return {**generation.to_json(), "policy": {**policy, "hold_back": request.policy.hold_back}}
+
+
+def chunk(completion_id: str, name: str, delta: dict, finish_reason: str | None = None) -> dict:
+    """One `chat.completion.chunk` of a streamed answer."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
 def chat_completion(generation, request: Request, prompt_tokens: int, name: str) -> dict:
     """An OpenAI `chat.completion` of one guarded generation, with the `ess` safety trace."""
     completion_tokens = len(generation.token_ids)
@@ -120,19 +140,7 @@ def chat_completion(generation, request: Request, prompt_tokens: int, name: str)
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         },
-        "ess": {
-            "p_malicious": generation.p_malicious,
-            "intervened": generation.intervened,
-            "intervention_step": generation.intervention_step,
-            "tokens_before_intervention": generation.tokens_before_intervention,
-            "finish_reason": generation.finish_reason,
-            "trace": [asdict(t) for t in generation.trace],
-            "policy": {
-                "schedule": request.policy.schedule,
-                "reliance": request.policy.reliance,
-                "tau": request.policy.tau,
-            },
-        },
+        "ess": ess_object(generation, request),
     }
 
 
@@ -144,6 +152,9 @@ class _Pending:
         self.done = threading.Event()
         self.answer: tuple[object, int] | None = None
         self.error: Exception | None = None
+        self.texts: queue.Queue[str | None] = queue.Queue()
+        """Released text as it clears; None once the answer (or the error) is set."""
+        self.cancelled = threading.Event()
 
 
 class Batcher:
@@ -165,12 +176,17 @@ class Batcher:
 
     def submit(self, request: Request) -> tuple[object, int]:
         """(generation, prompt tokens) of one request; blocks until it is answered."""
-        pending = _Pending(request)
-        self.queue.put(pending)
+        pending = self.start(request)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
         return pending.answer
+
+    def start(self, request: Request) -> _Pending:
+        """Queue a request; its released text arrives on `.texts`, then `.answer` or `.error`."""
+        pending = _Pending(request)
+        self.queue.put(pending)
+        return pending
 
     def _run(self) -> None:
         while True:
@@ -186,12 +202,22 @@ class Batcher:
                 for pending in batch:
                     self._answer([pending])
             for pending in batch:
+                pending.texts.put(None)
                 pending.done.set()
 
     def _answer(self, batch: list[_Pending]) -> bool:
-        """Answer the batch; False where it failed as a whole (a lone request keeps its error)."""
+        """Answer the batch; False where it failed as a whole before any text was released (a lone
+        request keeps its error)."""
         try:
-            generations = generate(self.model, [p.request for p in batch], batch_size=len(batch))
+            stream = generate_stream(
+                self.model, [p.request for p in batch], len(batch), cancelled=lambda i: batch[i].cancelled.is_set()
+            )
+            generations = [None] * len(batch)
+            for event in stream:
+                if event.text:
+                    batch[event.index].texts.put(event.text)
+                if event.generation is not None:
+                    generations[event.index] = event.generation
             answers = [(g, len(self.encoder.query_ids(p.request.messages))) for p, g in zip(batch, generations)]
         except Exception as error:
             if len(batch) > 1:
@@ -218,6 +244,27 @@ class ChatServer(ThreadingHTTPServer):
         generation, prompt_tokens = self.batcher.submit(request)
         return chat_completion(generation, request, prompt_tokens, self.config.name)
 
+    def stream(self, body: object, send) -> None:
+        """Stream the answer as `chat.completion.chunk`s through `send(payload | None)` (None:
+        `[DONE]`); a send that fails (the client left) cancels the request's row."""
+        request = chat_request(body, self.config)
+        pending = self.batcher.start(request)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            send(chunk(completion_id, self.config.name, {"role": "assistant", "content": ""}))
+            while (text := pending.texts.get()) is not None:
+                send(chunk(completion_id, self.config.name, {"content": text}))
+            pending.done.wait()
+            if pending.error is not None:
+                send({"error": {"message": str(pending.error), "type": "server_error"}})
+            else:
+                generation, _ = pending.answer
+                finish = FINISH_REASONS.get(generation.finish_reason, "stop")
+                send({**chunk(completion_id, self.config.name, {}, finish), "ess": ess_object(generation, request)})
+            send(None)
+        except OSError:  # the client disconnected: only its own row ends
+            pending.cancelled.set()
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: ChatServer
@@ -239,7 +286,16 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"null")
-            self._send(200, self.server.answer(body))
+            if isinstance(body, dict) and body.get("stream"):
+                chat_request(body, self.server.config)  # a bad request gets its 400 before the stream starts
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.end_headers()
+                self.close_connection = True
+                self.server.stream(body, self._event)
+            else:
+                self._send(200, self.server.answer(body))
         except json.JSONDecodeError as error:
             self._error(400, f"the body is not JSON: {error}", "invalid_request_error")
         except RequestError as error:
@@ -247,6 +303,11 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as error:  # the server keeps serving; the client learns what failed
             print(f"ess serve: {type(error).__name__}: {error}", file=sys.stderr)
             self._error(500, f"{type(error).__name__}: {error}", "server_error")
+
+    def _event(self, payload: dict | None) -> None:
+        data = "[DONE]" if payload is None else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
 
     def _error(self, status: int, message: str, kind: str) -> None:
         self._send(status, {"error": {"message": message, "type": kind}})

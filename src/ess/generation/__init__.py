@@ -2,7 +2,8 @@
 
 from .generator import GenerationError, generate, load_model, next_token_logprobs
 from .policy import PolicyError
-from .types import Generation, Policy, Request, Sampling, TraceEntry
+from .stream import generate_stream
+from .types import Generation, Policy, Request, Sampling, StreamEvent, TraceEntry
 
 __all__ = [
     "Generation",
@@ -11,8 +12,10 @@ __all__ = [
     "PolicyError",
     "Request",
     "Sampling",
+    "StreamEvent",
     "TraceEntry",
     "generate",
+    "generate_stream",
     "load_model",
     "next_token_logprobs",
 ]

@@ -5,6 +5,10 @@ then one slot per decode step. A re-evaluation of [CLS] is one extra query row i
 pass of the next token; it overwrites slot 0 in place, and the token of that same pass (and every
 later one) reads the new entry.
 
+Rolling a row back (hold-back: withdrawn tokens) marks its withdrawn slots as padding, so that
+nothing reads them, continues its positions from the kept tokens, and restores slot 0 to the
+[CLS] version the kept tokens read; the row's later tokens take the next slots as before.
+
 `ReferenceEngine` recomputes every step from nothing: each [CLS] version is a separate
 position, each response token reads the version that was current when it was fed. It is slow
 and simple, and the cached engine must match it (tests/test_generation.py).
@@ -28,7 +32,16 @@ def auxiliary_ids(tokenizer) -> set[int]:
 
 
 class CachedEngine:
-    def __init__(self, model: ESSModel, query_ids: list[list[int]], plain: list[bool], capacity_after: int):
+    def __init__(
+        self,
+        model: ESSModel,
+        query_ids: list[list[int]],
+        plain: list[bool],
+        capacity_after: int,
+        versions: bool = False,
+    ):
+        """`versions`: keep each row's [CLS] entries (keys and values of slot 0) so that `rollback`
+        can restore them."""
         self.model = model
         self.aux = auxiliary_ids(model.tokenizer)
         device = model.device
@@ -50,6 +63,8 @@ class CachedEngine:
         self.cache = SlotCache(model.base_lm.config.num_hidden_layers, self.capacity)
         self.key_slots = torch.arange(self.capacity, device=device)
         self.steps = 0
+        self.lengths = [0] * b  # response tokens each row holds
+        self.history: list[list[tuple[int, tuple]]] | None = [[] for _ in range(b)] if versions else None
 
     def _forward(self, ids, roles, slots, positions, cls_reads=None, write=None) -> torch.Tensor:
         allowed = attention_allowed(roles, self.roles, Phase.ALIGN, slots, self.key_slots, cls_reads)
@@ -69,6 +84,7 @@ class CachedEngine:
         slots = self.key_slots[:width]
         roles = self.roles[:, :width]
         hidden = self._forward(self.ids[:, :width], roles, slots, position_ids(roles))
+        self._keep_versions(range(len(self.lengths)))
         return self.model.lm_logits(hidden[:, -1]).float(), self.model.head(hidden[:, 0]).float().softmax(-1)[:, 1]
 
     def _span_slots(self, spans: list[Span | None]) -> torch.Tensor:
@@ -90,8 +106,9 @@ class CachedEngine:
         self.ids[:, slot] = torch.tensor([t if t is not None else 0 for t in tokens], device=device)
         self.roles[:, slot] = torch.where(active, int(Role.RESPONSE), int(Role.PAD))
         self.is_aux[:, slot] = torch.isin(self.ids[:, slot], self.aux_ids)
-        token_positions = (self.text_len + self.steps)[:, None]
+        token_positions = (self.text_len + torch.tensor(self.lengths, device=device))[:, None]
         self.steps += 1
+        self.lengths = [n + (t is not None) for n, t in zip(self.lengths, tokens)]
 
         reevaluate = torch.tensor([s is not None for s in spans], device=device)
         if not reevaluate.any():
@@ -112,9 +129,40 @@ class CachedEngine:
         write = torch.stack([torch.ones_like(reevaluate), reevaluate], dim=1)
         hidden = self._forward(ids, roles, slots, positions, self._span_slots(spans), write)
         p = self.model.head(hidden[:, 1]).float().softmax(-1)[:, 1].tolist()
+        self._keep_versions([i for i, s in enumerate(spans) if s is not None])
         return self.model.lm_logits(hidden[:, 0]).float(), [
             p[i] if s is not None else None for i, s in enumerate(spans)
         ]
+
+    def _keep_versions(self, rows) -> None:
+        if self.history is None:
+            return
+        layers = self.cache.layers
+        entry = (
+            torch.stack([layer.keys[:, :, 0] for layer in layers]),
+            torch.stack([layer.values[:, :, 0] for layer in layers]),
+        )
+        for row in rows:
+            self.history[row].append((self.lengths[row], entry))
+
+    def forget(self, row: int, kept: int) -> None:
+        """No rollback of `row` will go below `kept` tokens: drop the [CLS] versions it cannot need."""
+        if self.history is not None:
+            versions = self.history[row]
+            while len(versions) > 1 and versions[1][0] <= kept:
+                versions.pop(0)
+
+    def rollback(self, row: int, keep: int) -> None:
+        """Withdraw `row`'s response tokens after the first `keep`: nothing reads them again, and
+        [CLS] is the version current after token `keep` (needs `versions`). A rolled-back row is
+        not re-evaluated again (spans index response tokens by slot)."""
+        response = (self.roles[row] == Role.RESPONSE).nonzero().flatten()
+        self.roles[row, response[keep:]] = int(Role.PAD)
+        self.lengths[row] = keep
+        keys, values = [v for v in self.history[row] if v[0] <= keep][-1][1]
+        for layer, k, v in zip(self.cache.layers, keys, values):
+            layer.keys[row, :, 0] = k[row]
+            layer.values[row, :, 0] = v[row]
 
 
 class ReferenceEngine:
@@ -122,7 +170,14 @@ class ReferenceEngine:
     CachedEngine's arguments so that either serves the generator; having no cache, it ignores
     `capacity_after`."""
 
-    def __init__(self, model: ESSModel, query_ids: list[list[int]], plain: list[bool], capacity_after: int = 0):
+    def __init__(
+        self,
+        model: ESSModel,
+        query_ids: list[list[int]],
+        plain: list[bool],
+        capacity_after: int = 0,
+        versions: bool = False,
+    ):
         self.model = model
         self.aux = auxiliary_ids(model.tokenizer)
         self.queries = query_ids
@@ -177,6 +232,14 @@ class ReferenceEngine:
     def start(self) -> tuple[torch.Tensor, torch.Tensor]:
         results = [self._run(row) for row in range(len(self.queries))]
         return torch.stack([r[0] for r in results]), torch.tensor([r[1] for r in results])
+
+    def forget(self, row: int, kept: int) -> None:
+        """Nothing to drop: the reference keeps every version anyway."""
+
+    def rollback(self, row: int, keep: int) -> None:
+        """As if the response had been `keep` tokens long: later tokens and verdicts never happened."""
+        self.responses[row] = self.responses[row][:keep]
+        self.versions[row] = [v for v in self.versions[row] if v[0] <= keep]
 
     def step(self, tokens: list[int | None], spans: list[Span | None]) -> tuple[torch.Tensor, list[float | None]]:
         logits, ps = [], []

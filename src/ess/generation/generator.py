@@ -3,13 +3,16 @@
 Per step and row: the next token is a forced one (prefill, inserted guiding text or fixed
 refusal) if any are queued, else sampled; the engine feeds it, re-evaluating [CLS] where the
 row's schedule says so, over the span its strategic-attention rule picks; a verdict may queue
-the guiding text (medium reliance) or the fixed refusal (high). Nothing already emitted is rolled
-back: the record says how many tokens were shown before an intervention.
+the guiding text (medium reliance) or the fixed refusal (high). A token is released to the caller
+once no verdict can withdraw it (`Policy.hold_back`); an intervention withdraws what is held,
+rolls the engine back to the released tokens and inserts the text there. The record says how
+many tokens were released before the intervention.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -55,12 +58,15 @@ class _Row:
     """Book-keeping of one request in the loop."""
 
     def __init__(self, index: int, request: Request, encoder: ChatEncoder, config: ESSConfig):
+        self.index = index
         self.request = request
         self.policy = RowPolicy(validate(request.policy), config.threshold, config.response_threshold)
         query = request.query
         self.query_ids = encoder.tokenize(query) if query is not None else encoder.query_ids(request.messages)
         self.forced: deque[int] = deque(encoder.tokenize(request.prefill) if request.prefill else [])
+        self.prefill_len = len(self.forced)
         self.emitted: list[int] = []
+        self.released = 0
         self.generated = 0
         self.stop_after_forced = False
         self.done = False
@@ -69,8 +75,13 @@ class _Row:
         prompt = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
         self.result = Generation(prompt=prompt, text="", token_ids=[], p_malicious=None, prefill=request.prefill)
 
-    def intervene(self, action: str, encoder: ChatEncoder) -> None:
-        """Queue the guiding text (or the fixed refusal) after what is already shown or forced."""
+    def intervene(self, action: str, encoder: ChatEncoder, engine, row: int) -> None:
+        """Withdraw what is held, then queue the guiding text (or the fixed refusal) after what is
+        released or forced."""
+        if self.released < len(self.emitted):
+            self.result.withdrawn_token_ids = self.emitted[self.released :]
+            self.emitted = self.emitted[: self.released]
+            engine.rollback(row, self.released)
         shown = len(self.emitted) + len(self.forced)
         text = self.request.policy.guiding_text if action == INSERT else self.request.policy.refusal_text
         if shown:
@@ -81,30 +92,57 @@ class _Row:
         self.result.intervention_step = shown
         self.result.tokens_before_intervention = shown
 
+    def release(self, engine, row: int) -> list[int]:
+        """The tokens that no verdict can withdraw any more and were not released yet (the prefill,
+        the user's own text, at once)."""
+        n = len(self.emitted)
+        bound = n if self.done else max(min(n, self.prefill_len), self.policy.held_from(n))
+        if bound <= self.released:
+            return []
+        new, self.released = self.emitted[self.released : bound], bound
+        engine.forget(row, bound)
+        return new
+
     def next_token(self, logits: torch.Tensor, eos: set[int]) -> int | None:
         """The token to feed, or None when the row has finished."""
         if self.forced:
             return self.forced.popleft()
         if self.stop_after_forced:
-            return self._finish("refusal")
+            return self.finish("refusal")
         if self.generated >= self.request.sampling.max_new_tokens:
-            return self._finish("length")
+            return self.finish("length")
         token = sample_token(logits, self.request.sampling, self.generator)
         self.generated += 1
         if token in eos and not self.request.sampling.ignore_eos:
-            return self._finish("eos")
+            return self.finish("eos")
         return token
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
         self.done = True
         self.result.finish_reason = reason
         return None
 
+    def close(self, tokenizer) -> Generation:
+        result = self.result
+        result.token_ids = self.emitted
+        result.text = tokenizer.decode(self.emitted, skip_special_tokens=True)
+        result.withdrawn_text = tokenizer.decode(result.withdrawn_token_ids, skip_special_tokens=True)
+        return result
+
+
+Event = tuple[int, list[int], Generation | None]
+"""(request index, newly released token ids, the generation on the request's last event)."""
+
 
 def _run_batch(
-    model: ESSModel, encoder: ChatEncoder, requests: list[Request], first_index: int, engine_class
-) -> list[Generation]:
-    rows = [_Row(first_index + i, r, encoder, model.config) for i, r in enumerate(requests)]
+    model: ESSModel,
+    encoder: ChatEncoder,
+    requests: list[Request],
+    indices: list[int],
+    engine_class,
+    cancelled: Callable[[int], bool] | None = None,
+) -> Iterator[Event]:
+    rows = [_Row(index, r, encoder, model.config) for index, r in zip(indices, requests)]
     extra = max(
         len(row.forced)
         + row.request.sampling.max_new_tokens
@@ -116,24 +154,34 @@ def _run_batch(
         needed = 1 + len(row.query_ids) + extra
         if limit is not None and needed > limit:
             raise GenerationError(
-                f"request {rows.index(row) + first_index}: prompt of {len(row.query_ids)} tokens plus up to "
+                f"request {row.index}: prompt of {len(row.query_ids)} tokens plus up to "
                 f"{extra} response tokens exceeds the model's {what}"
             )
-    engine = engine_class(model, [r.query_ids for r in rows], [r.policy.plain for r in rows], extra)
+    holds = any(row.request.policy.hold_back > 0 and not row.policy.plain for row in rows)
+    engine = engine_class(model, [r.query_ids for r in rows], [r.policy.plain for r in rows], extra, versions=holds)
     eos = _eos_ids(model)
 
     logits, first_p = engine.start()
-    for row, p in zip(rows, first_p.tolist()):
+    for i, (row, p) in enumerate(zip(rows, first_p.tolist())):
         if row.policy.plain:
             continue
         row.result.p_malicious = p
         row.result.trace.append(TraceEntry(step=0, p_malicious=p, span=(0, 0), rule=0))
         action = row.policy.first_verdict(p)
         if action:
-            row.intervene(action, encoder)
+            row.intervene(action, encoder, engine, i)
 
     while True:
-        tokens = [None if row.done else row.next_token(logits[i], eos) for i, row in enumerate(rows)]
+        tokens = []
+        for i, row in enumerate(rows):
+            if row.done:
+                tokens.append(None)
+                continue
+            stop = cancelled is not None and cancelled(row.index)
+            tokens.append(row.finish("cancelled") if stop else row.next_token(logits[i], eos))
+            if row.done:
+                yield row.index, row.release(engine, i), None
+                yield row.index, [], row.close(model.tokenizer)
         if all(t is None for t in tokens):
             break
         spans = []
@@ -144,19 +192,39 @@ def _run_batch(
             wants = token is not None and not row.policy.plain and row.policy.wants_reevaluation(n)
             spans.append(row.policy.span(n) if wants else None)
         logits, ps = engine.step(tokens, spans)
-        for row, span, p in zip(rows, spans, ps):
-            if p is None:
-                continue
-            n = len(row.emitted)
-            row.result.trace.append(TraceEntry(step=n, p_malicious=p, span=(span.start, span.end), rule=span.rule))
-            action = row.policy.observe(p, n)
-            if action:
-                row.intervene(action, encoder)
+        for i, (row, span, p) in enumerate(zip(rows, spans, ps)):
+            # Release first: the verdict of this pass may withdraw only what the hold keeps
+            # (hold_back 0: nothing, the token fed with it included, as without hold-back).
+            released = [] if row.done else row.release(engine, i)
+            if p is not None:
+                n = len(row.emitted)
+                row.result.trace.append(TraceEntry(step=n, p_malicious=p, span=(span.start, span.end), rule=span.rule))
+                action = row.policy.observe(p, n)
+                if action:
+                    row.intervene(action, encoder, engine, i)
+            if released:
+                yield row.index, released, None
 
-    for row in rows:
-        row.result.token_ids = row.emitted
-        row.result.text = model.tokenizer.decode(row.emitted, skip_special_tokens=True)
-    return [row.result for row in rows]
+
+@torch.no_grad()
+def events(
+    model: ESSModel,
+    requests: list[Request],
+    batch_size: int = 8,
+    reference: bool = False,
+    cancelled: Callable[[int], bool] | None = None,
+) -> Iterator[Event]:
+    """The decode loop's events for requests, batched by similar length; a request's default seed
+    is its index here, whatever the batch. `cancelled(index)` ends that request's row early."""
+    engine_class = ReferenceEngine if reference else CachedEngine
+    encoder = ChatEncoder.for_model(model)
+    # Similar lengths together: less padding per batch.
+    order = sorted(
+        range(len(requests)), key=lambda i: len(requests[i].query or encoder.render_query(requests[i].messages))
+    )
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield from _run_batch(model, encoder, [requests[i] for i in chunk], chunk, engine_class, cancelled)
 
 
 @torch.no_grad()
@@ -167,20 +235,12 @@ def generate(
 
     `reference=True` runs the exact from-scratch loop instead of the cached one (slow; for tests).
     """
-    engine_class = ReferenceEngine if reference else CachedEngine
-    encoder = ChatEncoder.for_model(model)
-    # Similar lengths together: less padding per batch.
-    order = sorted(
-        range(len(requests)), key=lambda i: len(requests[i].query or encoder.render_query(requests[i].messages))
-    )
     results: list[Generation | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="generate", unit="answer", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = _run_batch(model, encoder, [requests[i] for i in chunk], chunk[0], engine_class)
-        for index, generation in zip(chunk, batch):
+    for index, _, generation in events(model, requests, batch_size, reference):
+        if generation is not None:
             results[index] = generation
-        bar.update(len(chunk))
+            bar.update(1)
     bar.close()
     return results
 

@@ -37,13 +37,13 @@ def validate(policy: Policy) -> Policy:
     return policy
 
 
-POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold")
+POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold", "hold_back")
 """The Policy fields `ess eval` takes as ablation overrides of the evaluated model's policy."""
 
 
 def policy_overrides(values: object) -> dict:
     """The policy flags' values that were given (not None) in parsed flags or a config, by field name."""
-    found = {name: getattr(values, name) for name in POLICY_FLAGS}
+    found = {name: getattr(values, name, None) for name, _, _ in POLICY_FLAGS}
     return {name: value for name, value in found.items() if value is not None}
 
 
@@ -79,6 +79,13 @@ def reevaluate_at(schedule: str, n: int) -> bool:
     return n % schedule_interval(schedule) == 0
 
 
+def reevaluates_after(schedule: str, n: int) -> bool:
+    """Whether [CLS] may still be re-evaluated once more than n response tokens have been fed."""
+    if schedule in ("none", "first"):
+        return False
+    return schedule != "annealing" or n < 128
+
+
 class RowPolicy:
     """The ESS state of one request during decoding."""
 
@@ -89,6 +96,7 @@ class RowPolicy:
         self.query_malicious = False
         self.transition_at: int | None = None
         self.consecutive = 0
+        self.run_start: int | None = None  # first token of the window that opened the malicious run
         self.intervened = False
 
     @property
@@ -124,13 +132,30 @@ class RowPolicy:
             return self._act(p >= self.threshold, False)
         malicious = p >= self.response_threshold
         if malicious:
+            if self.consecutive == 0:
+                self.run_start = self.span(n).start
             self.consecutive += 1
             if self.transition_at is None:
                 self.transition_at = n  # rule 3: look around the point where the text turned
         else:
             self.consecutive = 0
-            self.transition_at = None  # back to rule 2: one alarming word is tolerated
+            self.transition_at = self.run_start = None  # back to rule 2: one alarming word is tolerated
         return self._act(malicious, self.consecutive >= self.policy.tau)
+
+    def held_from(self, n: int) -> int:
+        """The first of n response tokens that a later verdict could still withdraw (n: none)."""
+        policy = self.policy
+        if (
+            policy.hold_back == 0
+            or self.intervened
+            or policy.reliance == "low"
+            or not reevaluates_after(policy.schedule, n)
+        ):
+            return n
+        start = n - policy.hold_back
+        if self.run_start is not None:
+            start = min(start, self.run_start)
+        return max(0, start)
 
     def _act(self, malicious: bool, medium_trigger: bool) -> str | None:
         reliance = self.policy.reliance

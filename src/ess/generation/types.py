@@ -81,6 +81,14 @@ class Policy:
         "an ablation of rules 1-3)",
         True,
     )
+    hold_back: int = option(
+        "generated tokens kept from the caller while a verdict could still withdraw them: the newest hold_back, "
+        "and, while a run of malicious verdicts has not yet reached an intervention, every token from the start "
+        "of the window that opened the run; on an intervention the held tokens are withdrawn and the refusal "
+        "follows what was released (0: nothing is held, the paper's behaviour; docs/hold_back.md)",
+        10,
+        min=0,
+    )
 
 
 @dataclass
@@ -122,13 +130,31 @@ class Generation:
     intervention_step: int | None = None
     """Response-token index where the inserted text starts."""
     tokens_before_intervention: int | None = None
-    """Response tokens shown before the intervention, prefill included (a late refusal is a leak)."""
+    """Response tokens released (shown) before the intervention, prefill included (a leak)."""
     prefill: str = ""
     trace: list[TraceEntry] = field(default_factory=list)
+    """Every verdict taken, including those on tokens later withdrawn (steps count them)."""
     finish_reason: str = "length"
-    """`eos`, `length` or `refusal` (high reliance)."""
+    """`eos`, `length`, `refusal` (high reliance) or `cancelled` (the caller stopped the row)."""
+    withdrawn_token_ids: list[int] = field(default_factory=list)
+    """Tokens generated, held back and withdrawn by the intervention: never shown."""
+    withdrawn_text: str = ""
+    """The withdrawn tokens as text (for research)."""
 
     def to_json(self) -> dict:
+        """The one serialization of a generation (CLI, server, evaluation records)."""
         from dataclasses import asdict
 
         return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    """Text of one request that has cleared every verdict, from `generate_stream`."""
+
+    index: int
+    """The request's index in the list given to `generate_stream`."""
+    text: str
+    """Newly released text (empty on a final event with nothing left to release)."""
+    generation: Generation | None = None
+    """Set on the request's last event: the finished generation."""
