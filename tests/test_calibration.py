@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ess.calibration import CalibrationConfig, CalibrationError, calibrate_response_threshold, late_stop_score
 from ess.generation import Policy, Request, Sampling, generate
@@ -46,6 +47,7 @@ def _answers(model: ESSModel, policy: Policy) -> list:
 
 @pytest.fixture()
 def tiny_ess(tiny_llama) -> ESSModel:
+    torch.manual_seed(0)  # the [CLS] row and head start random: the same ones whatever ran before
     model = ESSModel.from_base(tiny_llama).eval()
     model.config.threshold = 1.01  # every query verdict benign: every answer reaches rules 2 and 3
     return model
