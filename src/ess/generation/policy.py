@@ -43,7 +43,7 @@ POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold
 
 def policy_overrides(values: object) -> dict:
     """The policy flags' values that were given (not None) in parsed flags or a config, by field name."""
-    found = {name: getattr(values, name, None) for name, _, _ in POLICY_FLAGS}
+    found = {name: getattr(values, name, None) for name in POLICY_FLAGS}
     return {name: value for name, value in found.items() if value is not None}
 
 
