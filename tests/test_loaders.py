@@ -390,7 +390,13 @@ def _near_duplicates(prompts: list[str], others: list[str], limit: float = 0.6) 
     return pairs
 
 
-SPLITS = {"train": ("seed",), "dev": ("dev_",), "test": ("test_",), "calibration": ("calibration_",)}
+SPLITS = {
+    "train": ("seed",),
+    "dev": ("dev_",),
+    "test": ("test_",),
+    "calibration": ("calibration_",),
+    "utility": ("utility_",),
+}
 """docs/data.md: the seed sets of each split (`seed` is the training data)."""
 
 
@@ -406,7 +412,8 @@ def test_every_seed_set_belongs_to_one_split():
     assert {
         name
         for name in seed_names()
-        if name not in train and not name.startswith(SPLITS["dev"] + SPLITS["test"] + SPLITS["calibration"])
+        if name not in train
+        and not name.startswith(SPLITS["dev"] + SPLITS["test"] + SPLITS["calibration"] + SPLITS["utility"])
     } == set()
     assert {"dev_harmful", "dev_benign_alarming", "test_harmful", "test_benign_alarming"} <= set(seed_names())
     assert load_prompts("seed:heldout_harmful") == load_prompts("seed:dev_harmful")

@@ -232,8 +232,8 @@ def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_
     examples = [replace(e, response=e.response or "Here is how.") for e in load_sources(DATA[1:])]
     plain = TrainConfig(out=str(tmp_path), data=DATA[1:])
     augmented = TrainConfig(out=str(tmp_path), data=DATA[1:], augment=["tense", "noise"], augment_rate=0.5)
-    base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples, set())
-    items, _ = _phase_items(Phase.ALIGN, augmented, model, encoder, examples, set())
+    base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples)
+    items, _ = _phase_items(Phase.ALIGN, augmented, model, encoder, examples)
     extra = items[len(base_items) :]
     assert len(extra) == len(base_items) // 2
     assert {item.label for item in extra} == {0, 1}
@@ -245,7 +245,7 @@ def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path):
     result = subprocess.run(
         ESS + _train_args(tiny_llama, tmp_path / "run", "--augment", "typos"), capture_output=True, text=True
     )
-    assert result.returncode == 2 and "invalid choice: 'typos'" in result.stderr
+    assert result.returncode == 2 and "augment: unknown kind(s) typos" in result.stderr
 
 
 def test_every_augment_kind_rewrites_both_classes_alike():

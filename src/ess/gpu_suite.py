@@ -24,7 +24,6 @@ from .bench import SCHEDULES, BenchConfig, run_bench
 from .config import ESSConfig
 from .data.encoding import ChatEncoder
 from .data.schema import Example
-from .generation import Policy, Request, Sampling, generate
 from .hub import DEFAULT_MODEL, resolve_base
 from .masks import Phase
 from .model import ESSModel, _add_lora
@@ -88,36 +87,6 @@ def _peak_gib() -> float:
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _hold_back_row(model: ESSModel, config: SuiteConfig) -> list[dict]:
-    """Tokens/s with `Policy.hold_back` set, where the policy has that field; none otherwise."""
-    fields = {f.name: f for f in dataclasses.fields(Policy)}
-    if "hold_back" not in fields:
-        return []
-    value = True if fields["hold_back"].type in (bool, "bool") else 8
-    rows = []
-    for batch in config.batch_sizes:
-        requests = [
-            Request(
-                [{"role": "user", "content": "Explain how a refrigerator keeps food cold."}],
-                sampling=Sampling(max_new_tokens=config.max_new_tokens, ignore_eos=True),
-                policy=Policy(schedule="every", reliance="low", hold_back=value),
-            )
-            for _ in range(batch)
-        ]
-        start = time.perf_counter()
-        generate(model, requests, batch_size=batch)
-        _sync()
-        seconds = time.perf_counter() - start
-        rows.append(
-            {
-                "schedule": f"every+hold_back={value}",
-                "batch": batch,
-                "tokens_per_s": batch * config.max_new_tokens / seconds,
-            }
-        )
-    return rows
 
 
 def _train_batch(model: ESSModel, config: SuiteConfig):
@@ -187,9 +156,7 @@ def run_suite(config: SuiteConfig, log=print) -> dict:
         BenchConfig(
             batch_sizes=config.batch_sizes, max_new_tokens=config.max_new_tokens, repeats=1, schedules=SCHEDULES
         ),
-        log,
     )
-    bench["rows"] += _hold_back_row(model, config)
     bench["peak_memory_gib"] = _peak_gib()
     del model
     if torch.cuda.is_available():

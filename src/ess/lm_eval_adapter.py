@@ -21,6 +21,8 @@ answer at the first stop string.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -32,6 +34,8 @@ from .generation import Policy, Request, Sampling, generate, load_model
 from .generation.engines import CachedEngine
 from .generation.policy import POLICY_FLAGS, RowPolicy, validate
 from .model import find_checkpoint
+
+NONE = type(None)
 
 
 @register_model("ess")
@@ -48,7 +52,12 @@ class ESSLM(TemplateLM):
         **policy_fields,
     ):
         super().__init__()
-        kinds = {name: kind for name, kind, _ in POLICY_FLAGS}
+        hints = typing.get_type_hints(Policy)
+        # A flag's type, without its None: `float | None` reads as float.
+        kinds = {
+            name: next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not NONE)
+            for name in POLICY_FLAGS
+        }
         unknown = sorted(set(policy_fields) - set(kinds))
         if unknown:
             raise ValueError(f"ess: unknown model_args {unknown}; expected pretrained, batch_size or {sorted(kinds)}")
