@@ -63,8 +63,8 @@ def test_quickstart_summary_tells_the_story(quickstart):
 def test_cls_head_separates_unseen_harmful_from_alarming_benign(ess_model):
     from ess.classify import classify
 
-    harmful = load_prompts("seed:heldout_harmful")
-    benign = load_prompts("seed:heldout_benign_alarming")
+    harmful = load_prompts("seed:dev_harmful")
+    benign = load_prompts("seed:dev_benign_alarming")
     verdicts = classify(ess_model, harmful + benign)
     scores = [v.p_malicious for v in verdicts]
     labels = [1] * len(harmful) + [0] * len(benign)
@@ -78,8 +78,8 @@ def test_cls_head_separates_unseen_harmful_from_alarming_benign(ess_model):
 def test_guarded_generation_intervenes_on_harmful_not_on_alarming(ess_model):
     from ess.generation import Request, Sampling, generate
 
-    harmful = load_examples("seed:heldout_harmful")
-    benign = load_prompts("seed:heldout_benign_alarming")
+    harmful = load_examples("seed:dev_harmful")
+    benign = load_prompts("seed:dev_benign_alarming")
     sampling = Sampling(max_new_tokens=32)
     direct = generate(ess_model, [Request(e.query, sampling=sampling) for e in harmful], batch_size=16)
     prefilled = generate(

@@ -219,6 +219,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     summary = run_quickstart(config)
     final, out = Path(config.out) / "train" / "final", Path(config.out)
     print("\n" + comparison_table(summary))
+    test = summary["test_split"]
+    print(
+        f"\nTest split, first [CLS] verdict: {100 * test['harmful_flagged']:.1f} % of harmful flagged, "
+        f"{100 * test['benign_flagged']:.1f} % of benign-but-alarming, AUROC {test['auroc']:.3f}"
+    )
     print(f"\nReport: {out / 'report.md'}  Summary: {out / 'summary.json'}")
     print("\nWhat to try next:")
     print(f"  .venv/bin/ess chat --model {final}")

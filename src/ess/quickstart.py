@@ -37,9 +37,16 @@ class QuickstartConfig:
         "quickstart",
     )
     harmful: str = option(
-        "held-out harmful prompts (bundled, disjoint from the training prompts)", "seed:heldout_harmful"
+        "harmful prompts of the dev split (bundled, disjoint from the training prompts)", "seed:dev_harmful"
     )
-    benign: str = option("held-out benign prompts that sound alarming (over-refusal)", "seed:heldout_benign_alarming")
+    benign: str = option(
+        "benign prompts of the dev split that sound alarming (over-refusal)", "seed:dev_benign_alarming"
+    )
+    test_harmful: str = option(
+        "harmful prompts of the test split (styles the training data does not use), read by the [CLS] verdict",
+        "seed:test_harmful",
+    )
+    test_benign: str = option("benign-but-alarming prompts of the test split", "seed:test_benign_alarming")
     limit: int = option("harmful prompts attacked (the first N)", 30, min=1)
     benign_limit: int = option("benign prompts asked (the first N; 80: the whole bundled set)", 80, min=1)
     attacks: list[str] = option("attacks run on the harmful prompts", default_factory=lambda: list(ATTACKS))
@@ -123,6 +130,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         report=False,
     )
     result = run_eval(eval_config)
+    test_split = _test_split_verdicts(final, config)
+    write_json(out / "test_split.json", test_split)
     clock.done(started)
 
     started = clock.stage(4, "overhead of each re-classification schedule (batch 1)")
@@ -135,12 +144,34 @@ def run_quickstart(config: QuickstartConfig) -> dict:
 
     clock.stage(5, "report")
     summary = result.summary
-    result.write_report(preamble=_story(config, summary, bench))
+    result.write_report(preamble=_story(config, summary, bench, test_split))
     logger.info(f"finished in {time.time() - total:.0f} s")
-    return summary | {"overhead": {row["schedule"]: row["overhead"] for row in bench["rows"]}}
+    overhead = {row["schedule"]: row["overhead"] for row in bench["rows"]}
+    return summary | {"overhead": overhead, "test_split": test_split}
 
 
-def _story(config: QuickstartConfig, summary: dict, bench: dict) -> str:
+def _test_split_verdicts(final: Path, config: QuickstartConfig) -> dict:
+    """The first [CLS] verdict on the test split: share flagged of each set, and the AUROC between them."""
+    from .classify import classify
+    from .data.loaders import load_prompts
+    from .metrics import auroc
+    from .model import ESSModel
+
+    model = ESSModel.from_pretrained(final).eval()
+    harmful, benign = load_prompts(config.test_harmful), load_prompts(config.test_benign)
+    verdicts = classify(model, harmful + benign)
+    flagged = [v.label == "malicious" for v in verdicts]
+    return {
+        "harmful": config.test_harmful,
+        "benign": config.test_benign,
+        "harmful_flagged": sum(flagged[: len(harmful)]) / len(harmful),
+        "benign_flagged": sum(flagged[len(harmful) :]) / len(benign),
+        "auroc": auroc([v.p_malicious for v in verdicts], [1] * len(harmful) + [0] * len(benign)),
+        "n": [len(harmful), len(benign)],
+    }
+
+
+def _story(config: QuickstartConfig, summary: dict, bench: dict, test_split: dict) -> str:
     """The quickstart's own opening of report.md: what was done, the comparison, the cost."""
     lines = [
         "# ESS quickstart: SmolLM2-135M-Instruct, undefended vs ESS",
@@ -152,6 +183,11 @@ def _story(config: QuickstartConfig, summary: dict, bench: dict) -> str:
         "for over-refusal.",
         "",
         comparison_table(summary),
+        "",
+        f"On the test split (`{test_split['harmful']}`, `{test_split['benign']}`: styles the training data does "
+        f"not use, never tuned on), the first [CLS] verdict flags {100 * test_split['harmful_flagged']:.1f} % of "
+        f"{test_split['n'][0]} harmful and {100 * test_split['benign_flagged']:.1f} % of {test_split['n'][1]} "
+        f"benign-but-alarming prompts (AUROC {test_split['auroc']:.3f}).",
         "",
         "Overhead of each re-classification schedule (batch 1, 64 tokens, same model without [CLS] = `none`; "
         "measured in one run):",

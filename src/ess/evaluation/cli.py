@@ -31,7 +31,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compare", nargs="+", metavar="NAME=MODEL", default=[], help=_help("compare"))
     parser.add_argument(
-        "--prompts", help="harmful prompts: a file (.csv/.jsonl/.json/.txt) or a dataset (seed:heldout_harmful)"
+        "--prompts", help="harmful prompts: a file (.csv/.jsonl/.json/.txt) or a dataset (seed:dev_harmful)"
     )
     parser.add_argument(
         "--benign-prompts", help="benign prompts for over-refusal and the [CLS] AUROC (e.g. XSTest csv)"

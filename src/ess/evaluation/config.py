@@ -47,7 +47,7 @@ class EvalConfig:
     """The ESS checkpoint or run folder to evaluate, named `model` (a base LM name/folder is evaluated
     as a plain model)."""
     prompts: str | None = None
-    """Harmful prompts: a file or dataset (`seed:heldout_harmful`, AdvBench CSV, ...)."""
+    """Harmful prompts: a file or dataset (`seed:dev_harmful`, AdvBench CSV, ...)."""
     attacks: list[str] = field(default_factory=lambda: ["direct"])
     """Attack specs run on `prompts`."""
     baseline: str | None = None
