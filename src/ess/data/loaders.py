@@ -42,13 +42,8 @@ lists) and the field.
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import os
 import re
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from fnmatch import fnmatch
 from importlib.resources import as_file, files
@@ -56,6 +51,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .readers import Reader, Record, read_csv, read_instruction_lists, read_json, read_jsonl, read_lines
 from .schema import LABELS, DataError, Example, validate_example
 
 __all__ = ["load_examples", "load_prompts", "seed_names"]
@@ -118,7 +114,7 @@ def _load_seed(name: str, label: str | None) -> Iterator[Example]:
         available = ", ".join(seed_names()) or "none yet"
         raise DataError(f"no such seed dataset {name!r} (available: {available})", f"seed:{name}")
     with as_file(resource) as path:  # a real file even if the package is zipped
-        yield from _convert(_read_jsonl(path), _FORMATS["jsonl"], str(path), label, f"seed:{name}")
+        yield from _convert(read_jsonl(path), _FORMATS["jsonl"], str(path), label, f"seed:{name}")
 
 
 def _load_path(path: Path, label: str | None) -> Iterator[Example]:
@@ -156,94 +152,6 @@ def _load_hub(ident: str, label: str | None) -> Iterator[Example]:
         data = next(iter(data.values()))
     fmt = _FORMATS["alert" if name.lower() == "babelscape/alert" else "hub"]
     return _convert(enumerate(data, 1), fmt, source, label, source)
-
-
-# --- readers: file -> numbered records ----------------------------------------------------------
-
-Record = dict[str, Any]
-Reader = Callable[[Path], Iterable[tuple[int, Any]]]
-
-
-def _read_text(path: Path) -> str:
-    """The whole file as text (gunzipped for .gz); bad bytes are reported with their line."""
-    try:
-        raw = path.read_bytes()
-        if path.name.endswith(".gz"):
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"cannot read file: {error}", str(path)) from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"not UTF-8 text ({error.reason})", str(path), raw.count(b"\n", 0, error.start) + 1) from None
-    if not text.strip():
-        raise DataError("empty file", str(path))
-    return text
-
-
-def _json_error(error: json.JSONDecodeError, path: Path, line: int) -> DataError:
-    return DataError(f"invalid JSON: {error.msg} (column {error.colno})", str(path), line)
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
-    for line, text in enumerate(_read_text(path).split("\n"), 1):
-        if text.strip():
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise _json_error(error, path, line) from None
-            yield line, record
-
-
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    """A JSON list, numbered by 1-based item index; a single top-level object counts as item 1."""
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise _json_error(error, path, error.lineno) from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"expected a JSON list of objects, found {type(data).__name__}", str(path))
-    yield from enumerate(data, 1)
-
-
-def _read_csv(path: Path) -> Iterator[tuple[int, Record]]:
-    """CSV with a header row; each record is numbered by the physical line it starts on."""
-    rows = csv.reader(io.StringIO(_read_text(path), newline=""))
-    try:
-        header = [name.strip() for name in next(rows)]
-        while True:
-            line = rows.line_num + 1
-            values = next(rows, None)
-            if values is None:
-                return
-            if not values:  # blank line
-                continue
-            if len(values) != len(header):
-                message = f"expected {len(header)} fields ({','.join(header)}), found {len(values)}"
-                raise DataError(message, str(path), line)
-            yield line, dict(zip(header, values))
-    except csv.Error as error:
-        raise DataError(f"malformed CSV: {error}", str(path), rows.line_num) from None
-
-
-def _read_lines(path: Path) -> Iterator[tuple[int, Record]]:
-    for line, text in enumerate(_read_text(path).split("\n"), 1):
-        if text.strip():
-            yield line, {"prompt": text.strip()}
-
-
-def _read_instruction_lists(path: Path) -> Iterator[tuple[int, Record]]:
-    """Safety-Tuned LLaMAs evaluation files: one object {"instructions": [...], "tags"?: [...]}."""
-    for line, obj in _read_json(path):
-        texts = obj.get("instructions") if isinstance(obj, dict) else None
-        if not isinstance(texts, list):
-            raise DataError("expected an object with a list of strings", str(path), line, "instructions")
-        tags = obj.get("tags") or []
-        for index, text in enumerate(texts):
-            yield index + 1, {"prompt": text} | ({"tag": tags[index]} if index < len(tags) else {})
 
 
 # --- record -> rows in the generic schema --------------------------------------------------------
@@ -323,24 +231,24 @@ class _Format(NamedTuple):
 
 _FORMATS: dict[str, _Format] = {
     # generic files: labels come from the rows or the label argument
-    "jsonl": _Format(_read_jsonl),
-    "json": _Format(_read_json),
-    "csv": _Format(_read_csv),
-    "txt": _Format(_read_lines),
+    "jsonl": _Format(read_jsonl),
+    "json": _Format(read_json),
+    "csv": _Format(read_csv),
+    "txt": _Format(read_lines),
     # public datasets (/work/shared/data/README.md)
-    "advbench": _Format(_read_csv, "malicious"),  # goal is a prompt alias, target goes to meta
-    "harmful_strings": _Format(_read_csv, "malicious", _as_prompt("target")),
-    "prompt_lines": _Format(_read_lines, "malicious"),
-    "csv_lines": _Format(_read_lines, "malicious", _unquote),
-    "xstest": _Format(_read_csv, None, _xstest),
-    "alpaca": _Format(_read_json, "benign"),
-    "refusals": _Format(_read_json, "malicious"),
-    "instructions": _Format(_read_instruction_lists, "malicious"),
-    "benign_instructions": _Format(_read_instruction_lists, "benign"),
-    "hh_rlhf": _Format(_read_jsonl, "malicious", _hh_rlhf),
-    "deepinception": _Format(_read_json, "malicious", _as_prompt("inception_attack")),
-    "deepinception_variants": _Format(_read_json, "malicious", _deepinception_variants),
-    "mt_bench": _Format(_read_jsonl, "benign", _mt_bench),
+    "advbench": _Format(read_csv, "malicious"),  # goal is a prompt alias, target goes to meta
+    "harmful_strings": _Format(read_csv, "malicious", _as_prompt("target")),
+    "prompt_lines": _Format(read_lines, "malicious"),
+    "csv_lines": _Format(read_lines, "malicious", _unquote),
+    "xstest": _Format(read_csv, None, _xstest),
+    "alpaca": _Format(read_json, "benign"),
+    "refusals": _Format(read_json, "malicious"),
+    "instructions": _Format(read_instruction_lists, "malicious"),
+    "benign_instructions": _Format(read_instruction_lists, "benign"),
+    "hh_rlhf": _Format(read_jsonl, "malicious", _hh_rlhf),
+    "deepinception": _Format(read_json, "malicious", _as_prompt("inception_attack")),
+    "deepinception_variants": _Format(read_json, "malicious", _deepinception_variants),
+    "mt_bench": _Format(read_jsonl, "benign", _mt_bench),
     "alert": _Format(None, "malicious", _alert),
     "hub": _Format(None),
 }
