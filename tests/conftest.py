@@ -22,18 +22,21 @@ def default_model_dir() -> str:
     return resolve_base(DEFAULT_MODEL)
 
 
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+"""The shape of every tiny random-init model of the tests (GQA: 4 query heads, 2 key/value heads)."""
+
+
 def _tiny_config(family: str, vocab_size: int):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    common = dict(vocab_size=vocab_size, **TINY_SHAPE)
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)
     if family == "mistral":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY_SHAPE
 from ess.data.encoding import ChatEncoder
 from ess.data.schema import Example
 from ess.generation import GenerationError, Policy, Request, Sampling, generate
@@ -32,15 +33,7 @@ P_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 def _config(family: str, vocab_size: int, window: int = WINDOW):
     import transformers as T
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    common = dict(vocab_size=vocab_size, **TINY_SHAPE)
     if family == "llama3":
         rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
         return T.LlamaConfig(
