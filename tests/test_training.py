@@ -245,7 +245,7 @@ def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path):
     result = subprocess.run(
         ESS + _train_args(tiny_llama, tmp_path / "run", "--augment", "typos"), capture_output=True, text=True
     )
-    assert result.returncode == 2 and "augment: unknown kind(s) typos" in result.stderr
+    assert result.returncode == 2 and "augment: unknown augment kind 'typos'" in result.stderr
 
 
 def test_every_augment_kind_rewrites_both_classes_alike():

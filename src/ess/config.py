@@ -176,12 +176,12 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self)
-        from .data.augment import AUGMENTS  # here, not at the top: the attacks it builds on import this module
+        from .data.augment import resolve_kinds  # here, not at the top: the attacks it builds on import this module
 
-        unknown = sorted(set(self.augment) - {*AUGMENTS, "all", "none"})
-        if unknown:
-            raise FieldError(f"augment: unknown kind(s) {', '.join(unknown)} (known: {', '.join(AUGMENTS)}, all, none)")
-        self.augment = list(AUGMENTS) if "all" in self.augment else [k for k in self.augment if k != "none"]
+        try:
+            self.augment = resolve_kinds(self.augment)
+        except ValueError as error:
+            raise FieldError(f"augment: {error} (or all, none)") from None
 
     @property
     def peak_lr(self) -> float:

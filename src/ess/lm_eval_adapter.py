@@ -34,8 +34,7 @@ from .generation import Policy, Request, Sampling, generate, load_model
 from .generation.engines import CachedEngine
 from .generation.policy import POLICY_FLAGS, RowPolicy, validate
 from .model import find_checkpoint
-
-NONE = type(None)
+from .options import strip_none
 
 
 @register_model("ess")
@@ -53,11 +52,7 @@ class ESSLM(TemplateLM):
     ):
         super().__init__()
         hints = typing.get_type_hints(Policy)
-        # A flag's type, without its None: `float | None` reads as float.
-        kinds = {
-            name: next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not NONE)
-            for name in POLICY_FLAGS
-        }
+        kinds = {name: strip_none(hints[name]) for name in POLICY_FLAGS}
         unknown = sorted(set(policy_fields) - set(kinds))
         if unknown:
             raise ValueError(f"ess: unknown model_args {unknown}; expected pretrained, batch_size or {sorted(kinds)}")

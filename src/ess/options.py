@@ -18,7 +18,7 @@ from typing import Any
 from .fields import RULES, problem
 
 
-def _strip_none(annotation: Any) -> Any:
+def strip_none(annotation: Any) -> Any:
     """`X` of `X | None`; any other annotation as it is."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -28,7 +28,7 @@ def _strip_none(annotation: Any) -> Any:
 
 def _kind(annotation: Any) -> tuple[type, bool]:
     """(the type of one value, whether the flag takes several) of a field's annotation."""
-    annotation = _strip_none(annotation)
+    annotation = strip_none(annotation)
     if typing.get_origin(annotation) in (list, tuple):
         return typing.get_args(annotation)[0], True
     return annotation, False
@@ -118,7 +118,7 @@ def options_from(args: argparse.Namespace, cls: type, *, prefix: str = "", **ext
         if f.name in extra or not hasattr(args, dest):
             continue
         value = getattr(args, dest)
-        if isinstance(value, list) and typing.get_origin(_strip_none(hints[f.name])) is tuple:
+        if isinstance(value, list) and typing.get_origin(strip_none(hints[f.name])) is tuple:
             value = tuple(value)
         values[f.name] = value
     return cls(**values, **extra)
