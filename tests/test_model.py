@@ -135,16 +135,20 @@ def test_checkpoint_round_trip_is_exact(tiny_llama, tmp_path, adapter):
             if "lora_B" in name or adapter == "full":
                 param.add_(0.01 * torch.randn_like(param))
     model.save_pretrained(tmp_path / "ckpt")
-    loaded = ESSModel.from_pretrained(tmp_path / "ckpt")
+    loaded = ESSModel.from_pretrained(tmp_path / "ckpt", trainable=True)
     assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
     encoder = _encoder(model)
     batch = encoder.collate([encoder.encode_example(_example("Tell me a joke", "Why did the chicken..."))])
     with torch.no_grad():
         a = model.eval()(batch.input_ids, batch.roles)
         b = loaded.eval()(batch.input_ids, batch.roles)
+        # Loaded for inference, a LoRA adapter is merged into the weights: the same function up to rounding.
+        merged = ESSModel.from_pretrained(tmp_path / "ckpt")(batch.input_ids, batch.roles)
     assert torch.equal(a.cls_logits, b.cls_logits)
     assert torch.equal(a.hidden_states, b.hidden_states)
     assert loaded.config == model.config
+    torch.testing.assert_close(merged.hidden_states, a.hidden_states, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged.cls_logits, a.cls_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_forced_prefix_is_read_but_not_trained(tiny_llama):

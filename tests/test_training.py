@@ -151,7 +151,8 @@ def test_alignment_steps_interleave_replay_steps():
     from ess.config import TrainConfig
     from ess.training import _Schedule
 
-    schedule = _Schedule(10, 7, per_step=2, config=TrainConfig(out="x", replay_every=2), epochs=1.0, seed=0)
+    ten, seven = [5] * 10, [5] * 7
+    schedule = _Schedule(ten, seven, per_step=2, config=TrainConfig(out="x", replay_every=2), epochs=1.0, seed=0)
     steps = [schedule.rows(step, 0, 2) for step in range(schedule.total)]
     assert [replay for replay, _ in steps] == [False, False, True, False, False, True, False]
     assert sorted(i for replay, rows in steps if not replay for i in rows) == list(range(10))  # one epoch
@@ -159,12 +160,35 @@ def test_alignment_steps_interleave_replay_steps():
     assert len(replayed) == len(set(replayed)) == 4 and all(0 <= i < 7 for i in replayed)
     # Two processes of batch 1 split each step's rows between them.
     assert all(schedule.rows(s, 0, 1)[1] + schedule.rows(s, 1, 1)[1] == steps[s][1] for s in range(schedule.total))
-    assert _Schedule(10, 7, 2, TrainConfig(out="x", replay_every=0), 1.0, 0).total == 5
-    assert (
-        _Schedule(10, 0, 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5
-    )  # the pretraining phase: no replay
-    capped = _Schedule(10, 7, 2, TrainConfig(out="x", max_steps=6, replay_every=2), 1.0, 0)
+    assert _Schedule(ten, seven, 2, TrainConfig(out="x", replay_every=0), 1.0, 0).total == 5
+    assert _Schedule(ten, [], 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5  # pretraining: no replay
+    capped = _Schedule(ten, seven, 2, TrainConfig(out="x", max_steps=6, replay_every=2), 1.0, 0)
     assert (capped.total, capped.main_steps) == (6, 4)
+
+
+def test_length_grouping_pads_less_and_keeps_each_group_of_steps():
+    import random
+
+    from ess.config import TrainConfig
+    from ess.training import GROUP_STEPS, _Schedule
+
+    lengths = [random.Random(i).randint(10, 200) for i in range(1000)]
+
+    def schedule(grouped: bool) -> list[list[int]]:
+        s = _Schedule(lengths, [], 4, TrainConfig(out="x", group_by_length=grouped), 1.0, seed=3)
+        return [s.rows(step, 0, 4)[1] for step in range(s.total)]
+
+    plain, grouped = schedule(False), schedule(True)
+
+    def padded(steps):
+        return sum(max(lengths[i] for i in rows) * len(rows) for rows in steps)
+
+    assert padded(grouped) < 0.7 * padded(plain)
+    # Each run of GROUP_STEPS steps trains on the same sequences as without grouping, in another order.
+    for start in range(0, len(plain), GROUP_STEPS):
+        same = [sorted(i for rows in steps[start : start + GROUP_STEPS] for i in rows) for steps in (plain, grouped)]
+        assert same[0] == same[1]
+    assert grouped == schedule(True)  # a function of the seed: a resumed run sees the same batches
 
 
 def test_pretraining_corpus_cuts_the_asked_windows_from_each_answer(default_model_dir):

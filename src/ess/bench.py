@@ -3,7 +3,8 @@
 overhead = time with ESS / time of `none` (the same model, same loop, no [CLS]) - 1, for the
 same prompts and the same number of generated tokens (EOS ignored). The hold-back row compares
 annealing at medium reliance with the default `Policy.hold_back` against the same with 0. Each configuration is run
-`repeats` times and the fastest run counts, which filters out noise from other processes.
+`repeats` times, the configurations taking turns, and the fastest run counts, which filters out
+noise from other processes.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _requests(batch: int, schedule: str, max_new_tokens: int, hold_back: int | N
 
 
 @torch.no_grad()
-def _hf_generate_seconds(model: ESSModel, batch: int, max_new_tokens: int) -> float:
+def _hf_generate(model: ESSModel, batch: int, max_new_tokens: int) -> None:
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
     texts = [
@@ -89,51 +90,50 @@ def _hf_generate_seconds(model: ESSModel, batch: int, max_new_tokens: int) -> fl
     ]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _time(
-        lambda: model.base_lm.generate(
-            **enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-        )
+    model.base_lm.generate(
+        **enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
     )
 
 
 def run_bench(model: ESSModel, config: BenchConfig) -> dict:
     """Tokens/s of each schedule and batch size, their overhead against `none`, and transformers'
-    `generate` on the same prompts (each row is also logged as it is measured)."""
+    `generate` on the same prompts (each row is also logged as it is measured).
+
+    The configurations of one batch size take turns, one run each per round, so that a change of
+    the machine's speed during the bench slows every configuration alike."""
     rows = []
     hf: dict[str, float] = {}
     for batch in config.batch_sizes:
         tokens = batch * config.max_new_tokens
         generate(model, _requests(batch, "every", 8), batch_size=batch)  # warm-up
-        seconds = {}
-        for schedule in config.schedules:
-            requests = _requests(batch, schedule, config.max_new_tokens)
-            seconds[schedule] = min(
-                _time(lambda r=requests, b=batch: generate(model, r, batch_size=b)) for _ in range(config.repeats)
-            )
-        held = {}
-        for hold_back in (0, Policy.hold_back):
-            requests = _requests(batch, "annealing", config.max_new_tokens, hold_back)
-            held[hold_back] = min(
-                _time(lambda r=requests, b=batch: generate(model, r, batch_size=b)) for _ in range(config.repeats)
-            )
-        hf_seconds = min(_hf_generate_seconds(model, batch, config.max_new_tokens) for _ in range(config.repeats))
-        hf[str(batch)] = tokens / hf_seconds
+        runs = {schedule: _requests(batch, schedule, config.max_new_tokens) for schedule in config.schedules}
+        runs |= {
+            f"hold-back {h}": _requests(batch, "annealing", config.max_new_tokens, h) for h in (0, Policy.hold_back)
+        }
+        jobs = {name: (lambda r=requests, b=batch: generate(model, r, batch_size=b)) for name, requests in runs.items()}
+        jobs["hf"] = lambda b=batch: _hf_generate(model, b, config.max_new_tokens)
+        seconds = {name: float("inf") for name in jobs}
+        for _ in range(config.repeats):
+            for name, job in jobs.items():
+                seconds[name] = min(seconds[name], _time(job))
+        hf[str(batch)] = tokens / seconds["hf"]
         for schedule in config.schedules:
             row = {
                 "schedule": schedule,
                 "batch": batch,
                 "tokens_per_s": tokens / seconds[schedule],
-                "overhead": seconds[schedule] / seconds["none"] - 1 if "none" in seconds else None,
+                "overhead": seconds[schedule] / seconds["none"] - 1,
             }
             rows.append(row)
             logger.info(
                 f"batch {batch:3d}  {schedule:12s} {row['tokens_per_s']:9.1f} tok/s  overhead {row['overhead']:+.3f}"
             )
+        held, plain = seconds[f"hold-back {Policy.hold_back}"], seconds["hold-back 0"]
         row = {
             "schedule": f"annealing, hold-back {Policy.hold_back} vs 0",
             "batch": batch,
-            "tokens_per_s": tokens / held[Policy.hold_back],
-            "overhead": held[Policy.hold_back] / held[0] - 1,
+            "tokens_per_s": tokens / held,
+            "overhead": held / plain - 1,
         }
         rows.append(row)
         logger.info(
@@ -141,7 +141,7 @@ def run_bench(model: ESSModel, config: BenchConfig) -> dict:
         )
         logger.info(
             f"batch {batch:3d}  {'hf generate':12s} {hf[str(batch)]:9.1f} tok/s  "
-            f"(none runs at {seconds['none'] and hf_seconds / seconds['none']:.2f}x of it)"
+            f"(none runs at {seconds['hf'] / seconds['none']:.2f}x of it)"
         )
     return {
         "rows": rows,
@@ -150,7 +150,7 @@ def run_bench(model: ESSModel, config: BenchConfig) -> dict:
             "max_new_tokens": config.max_new_tokens,
             "repeats": config.repeats,
             "device": str(model.device),
-            "dtype": str(model.cls_embedding.dtype),
+            "dtype": str(model.base_lm.dtype),
             "threads": torch.get_num_threads(),
         },
     }

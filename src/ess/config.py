@@ -109,6 +109,11 @@ class TrainConfig:
         "passes over the pretraining-phase corpus (ignored where --max-steps is set)", 1.0, above=0
     )
     max_steps: int | None = option("stop each phase after this many optimiser steps", None, min=1)
+    group_by_length: bool = option(
+        "batch sequences of similar length together (less padding): the sequences of every 50 steps are "
+        "sorted by length, cut into batches, and the batches shuffled",
+        True,
+    )
     max_length: int = option(
         "longest tokenized sequence; longer alignment examples lose the end of the response. The default holds "
         "[CLS], the longest query of the bundled attacks and a distilled answer, so a query is read whole in "

@@ -16,6 +16,7 @@ Checkpoint layout (`save_pretrained`), safetensors only:
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +53,35 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def native_dtype() -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16 matrix units (AVX512-BF16, AMX); fp32 on other
+    CPUs, where bf16 is emulated and slower than fp32."""
+    if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_dtype() -> torch.dtype:
+    """The dtype base LMs load in: `$ESS_DTYPE` (bfloat16 or float32) where set, else `native_dtype()`."""
+    name = os.environ.get("ESS_DTYPE")
+    if not name:
+        return native_dtype()
+    if name not in DTYPES:
+        raise ValueError(f"ESS_DTYPE={name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_causal_lm(reference: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
-    """Load a base LM and its tokenizer from a registered name, folder or hub id."""
+    """Load a base LM and its tokenizer from a registered name, folder or hub id (in `dtype`,
+    default `default_dtype()`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_base(reference)
     if dtype is None:
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        dtype = default_dtype()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
@@ -79,9 +102,11 @@ class ESSModel(nn.Module):
         self.vocab_rows = embeddings.shape[0]
         # A new token's row starts at the mean of the vocabulary's rows: inside the distribution
         # the first layer was trained on, with no bias toward any one token (transformers does the
-        # same for tokens added by resize_token_embeddings).
-        self.cls_embedding = nn.Parameter(embeddings.detach().float().mean(0).to(embeddings.dtype).clone())
-        self.head = nn.Linear(hidden, config.num_labels, dtype=embeddings.dtype)
+        # same for tokens added by resize_token_embeddings). Both new parameters stay fp32 whatever
+        # the base's dtype: they start from scratch with a high learning rate, whose updates a bf16
+        # weight would round away.
+        self.cls_embedding = nn.Parameter(embeddings.detach().float().mean(0).clone())
+        self.head = nn.Linear(hidden, config.num_labels, dtype=torch.float32)
         if head_state is not None:
             self.cls_embedding.data.copy_(head_state["cls_embedding"])
             self.head.load_state_dict({"weight": head_state["head.weight"], "bias": head_state["head.bias"]})
@@ -103,7 +128,8 @@ class ESSModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None, trainable: bool = False) -> ESSModel:
-        """Load a checkpoint written by `save_pretrained`."""
+        """Load a checkpoint written by `save_pretrained`; a LoRA adapter loaded for inference
+        (`trainable=False`) is merged (`merge_lora`)."""
         from transformers import AutoTokenizer
 
         folder = Path(folder)
@@ -124,7 +150,17 @@ class ESSModel(nn.Module):
                 lm = PeftModel.from_pretrained(lm, folder / "adapter", is_trainable=trainable)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
         head_state = load_file(folder / HEAD_FILE)
-        return cls(lm, tokenizer, config, head_state).to(lm.device)
+        model = cls(lm, tokenizer, config, head_state).to(lm.device)
+        if not trainable:
+            model.merge_lora()
+        return model
+
+    def merge_lora(self) -> None:
+        """Merge a LoRA adapter into the base weights for inference: the same function, one matrix
+        product per layer instead of three. The adapter's own weights, which `save_pretrained`
+        writes, are unchanged."""
+        if self.config.adapter == "lora":
+            self.lm.merge_adapter()
 
     def save_pretrained(self, folder: str | Path) -> None:
         if self.config.adapter == "merged":
@@ -164,6 +200,10 @@ class ESSModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.cls_embedding.device
+
+    def verdict_logits(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """Head logits (fp32) of [CLS] hidden states [..., hidden]: benign, malicious."""
+        return self.head(cls_hidden.to(self.head.weight.dtype)).float()
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits, soft-capped where the base caps them (Gemma-2)."""
@@ -232,7 +272,7 @@ class ESSModel(nn.Module):
         ).last_hidden_state
         first_cls = (roles == Role.CLS).float().argmax(dim=1)
         cls_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_cls]
-        out = ESSOutput(hidden_states=hidden, cls_logits=self.head(cls_hidden))
+        out = ESSOutput(hidden_states=hidden, cls_logits=self.verdict_logits(cls_hidden))
         if lm_targets is None and cls_labels is None:
             return out
 

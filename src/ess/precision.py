@@ -4,7 +4,8 @@ Full fine-tuning updates every weight with AdamW at a small learning rate (2e-5)
 keeps 8 bits of mantissa, so an update smaller than 1/256 of the weight rounds away. The weights
 therefore stay in fp32 (the master copy the optimizer updates) and only the forward and backward
 passes run in bf16, under autocast (`accelerate`'s `mixed_precision="bf16"`). LoRA keeps what it
-has: the frozen base in the loading dtype (bf16 on CUDA) and peft's adapters in fp32.
+has: the frozen base in the loading dtype (`ess.model.default_dtype`: bf16 on CUDA and on CPUs
+with native bf16) and peft's adapters in fp32.
 """
 
 from __future__ import annotations

@@ -110,6 +110,7 @@ def train(config: TrainConfig, base: str) -> Path:
 
     if response_calibration:
         model.eval()
+        model.merge_lora()
         _log(accelerator, describe(calibrate_response_threshold(model, response_calibration), response_calibration))
     if accelerator.is_main_process:
         if baseline:
@@ -189,6 +190,10 @@ def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
     return calibration
 
 
+GROUP_STEPS = 50
+"""Steps whose sequences `group_by_length` sorts together (as transformers' length-grouped sampler)."""
+
+
 def _data_order(n_items: int, n_needed: int, seed: int) -> list[int]:
     """Item indices for every step of a phase: one seeded permutation per epoch, concatenated."""
     order: list[int] = []
@@ -198,6 +203,20 @@ def _data_order(n_items: int, n_needed: int, seed: int) -> list[int]:
         order += torch.randperm(n_items, generator=generator).tolist()
         epoch += 1
     return order
+
+
+def _grouped_by_length(order: list[int], lengths: list[int], per_step: int, seed: int) -> list[int]:
+    """`order` with the items of every `GROUP_STEPS` steps sorted by length into batches of
+    `per_step`, the batches of each group in a seeded random order: the same items per group, so
+    the data seen by each point of the run hardly changes, with little padding per batch."""
+    grouped: list[int] = []
+    size = GROUP_STEPS * per_step
+    for number, start in enumerate(range(0, len(order), size)):
+        group = sorted(order[start : start + size], key=lambda i: lengths[i])
+        batches = [group[i : i + per_step] for i in range(0, len(group), per_step)]
+        generator = torch.Generator().manual_seed(seed * 1000 + 500 + number)
+        grouped += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+    return grouped
 
 
 def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -212,7 +231,16 @@ class _Schedule:
     replay step after every `every` of them. A function of the step alone, so a resumed run
     sees exactly the batches the stopped one would have."""
 
-    def __init__(self, n_items: int, n_replay: int, per_step: int, config: TrainConfig, epochs: float, seed: int):
+    def __init__(
+        self,
+        lengths: list[int],
+        replay_lengths: list[int],
+        per_step: int,
+        config: TrainConfig,
+        epochs: float,
+        seed: int,
+    ):
+        n_items, n_replay = len(lengths), len(replay_lengths)
         self.every = config.replay_every if n_replay else 0
         if config.max_steps:
             self.total = config.max_steps
@@ -225,6 +253,9 @@ class _Schedule:
         self.per_step = per_step
         self.order = _data_order(n_items, self.main_steps * per_step, seed)
         self.replay_order = _data_order(n_replay, replay_steps * per_step, seed + 7919) if replay_steps else []
+        if config.group_by_length:
+            self.order = _grouped_by_length(self.order, lengths, per_step, seed)
+            self.replay_order = _grouped_by_length(self.replay_order, replay_lengths, per_step, seed + 7919)
 
     def rows(self, step: int, rank: int, batch_size: int) -> tuple[bool, list[int]]:
         """(is a replay step, item indices of this process's batch)."""
@@ -242,7 +273,14 @@ def _run_phase(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = config.batch_size * world
     epochs = config.pretrain_epochs if phase == Phase.PRETRAIN else config.epochs
-    schedule = _Schedule(len(items), len(replay_items), per_step, config, epochs, config.seed + len(phases_done))
+    schedule = _Schedule(
+        [len(i.ids) for i in items],
+        [len(i.ids) for i in replay_items],
+        per_step,
+        config,
+        epochs,
+        config.seed + len(phases_done),
+    )
     total = schedule.total
     lambda_align = config.lambda_cls if config.lambda_cls is not None else model.config.lambda_align
 

@@ -85,7 +85,7 @@ class CachedEngine:
         roles = self.roles[:, :width]
         hidden = self._forward(self.ids[:, :width], roles, slots, position_ids(roles))
         self._keep_versions(range(len(self.lengths)))
-        return self.model.lm_logits(hidden[:, -1]).float(), self.model.head(hidden[:, 0]).float().softmax(-1)[:, 1]
+        return self.model.lm_logits(hidden[:, -1]).float(), self.model.verdict_logits(hidden[:, 0]).softmax(-1)[:, 1]
 
     def _span_slots(self, spans: list[Span | None]) -> torch.Tensor:
         reads = torch.zeros_like(self.roles, dtype=torch.bool)
@@ -128,7 +128,7 @@ class CachedEngine:
         positions = torch.cat([token_positions, torch.zeros_like(token_positions)], dim=1)
         write = torch.stack([torch.ones_like(reevaluate), reevaluate], dim=1)
         hidden = self._forward(ids, roles, slots, positions, self._span_slots(spans), write)
-        p = self.model.head(hidden[:, 1]).float().softmax(-1)[:, 1].tolist()
+        p = self.model.verdict_logits(hidden[:, 1]).softmax(-1)[:, 1].tolist()
         self._keep_versions([i for i, s in enumerate(spans) if s is not None])
         return self.model.lm_logits(hidden[:, 0]).float(), [
             p[i] if s is not None else None for i, s in enumerate(spans)
@@ -226,7 +226,7 @@ class ReferenceEngine:
             use_cache=False,
         ).last_hidden_state[0]
         logits = self.model.lm_logits(hidden[n_text]).float()
-        p = self.model.head(hidden[cls_slot[-1]]).float().softmax(-1)[1].item()
+        p = self.model.verdict_logits(hidden[cls_slot[-1]]).softmax(-1)[1].item()
         return logits, p
 
     def start(self) -> tuple[torch.Tensor, torch.Tensor]:
