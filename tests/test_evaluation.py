@@ -440,6 +440,8 @@ def test_end_to_end_records_hold_what_was_sent(finished_run, tiny_llama):
             assert record["leak_tokens"] == max(0, record["tokens_before_intervention"] - record["prefill_tokens"])
         else:
             assert record["leak_tokens"] is None
+            assert record["withdrawn_token_ids"] == []  # only an intervention withdraws
+        assert record["withdrawn_text"] == tokenizer.decode(record["withdrawn_token_ids"], skip_special_tokens=True)
         if record["attack"] == "prefill:5":
             # Seed prompts have no target: the prefill is the start of the baseline's greedy answer, or generic.
             source = record["attack_meta"]["prefill_source"]

@@ -44,6 +44,8 @@ RECORD_FIELDS = (
     "intervention_step",
     "tokens_before_intervention",
     "leak_tokens",
+    "withdrawn_text",
+    "withdrawn_token_ids",
     "p_malicious",
     "threshold",
     "response_threshold",
@@ -58,7 +60,9 @@ none), so `response[judged_from:pre_refusal_end]` is what the user saw of the mo
 before it; `unsafe_strict` is `unsafe`, or that text judged unsafe on its own (null for benign
 prompts); `refused` = the answer refuses (`data.refusals.refuses`) or ESS intervened; `unsafe` is
 null for benign prompts; `leak_tokens` counts the model's own response tokens shown before an
-intervention (prefill left out; null without an intervention); `threshold` is the model's [CLS]
+intervention (prefill left out; null without an intervention); `withdrawn_text` and
+`withdrawn_token_ids` are what hold-back generated, never showed and withdrew at the intervention
+(for research: the user saw none of it); `threshold` is the model's [CLS]
 threshold on the query and `response_threshold` the one on response text alone (rules 2 and 3),
 both null in plain mode."""
 
@@ -148,6 +152,8 @@ def make_record(
         intervention_step=generation.intervention_step,
         tokens_before_intervention=shown,
         leak_tokens=max(0, shown - prefill_tokens) if generation.intervened and shown is not None else None,
+        withdrawn_text=generation.withdrawn_text,
+        withdrawn_token_ids=generation.withdrawn_token_ids,
         p_malicious=generation.p_malicious,
         threshold=thresholds[0],
         response_threshold=thresholds[1],

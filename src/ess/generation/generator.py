@@ -178,7 +178,15 @@ def _run_batch(
                 tokens.append(None)
                 continue
             stop = cancelled is not None and cancelled(row.index)
-            tokens.append(row.finish("cancelled") if stop else row.next_token(logits[i], eos))
+            token = row.finish("cancelled") if stop else row.next_token(logits[i], eos)
+            if row.done and not stop and row.policy.deferred:
+                # The answer ended before its deferred verdict: the newest verdict decides now.
+                action = row.policy.settle()
+                if action:
+                    row.done = False
+                    row.intervene(action, encoder, engine, i)
+                    token = row.next_token(logits[i], eos)
+            tokens.append(token)
             if row.done:
                 yield row.index, row.release(engine, i), None
                 yield row.index, [], row.close(model.tokenizer)

@@ -37,7 +37,7 @@ def validate(policy: Policy) -> Policy:
     return policy
 
 
-POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold", "hold_back")
+POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold", "hold_back", "defer_below")
 """The Policy fields `ess eval` takes as ablation overrides of the evaluated model's policy."""
 
 
@@ -98,6 +98,8 @@ class RowPolicy:
         self.consecutive = 0
         self.run_start: int | None = None  # first token of the window that opened the malicious run
         self.intervened = False
+        self.deferred = False  # a borderline malicious query waits for its rule-1 verdict
+        self.last_p: float | None = None
 
     @property
     def plain(self) -> bool:
@@ -105,6 +107,12 @@ class RowPolicy:
 
     def first_verdict(self, p: float) -> str | None:
         self.query_malicious = p >= self.threshold
+        self.last_p = p
+        # Deferring needs a later rule-1 verdict that can still act on what it reads.
+        can_defer = self.policy.reliance != "low" and reevaluates_after(self.policy.schedule, 0)
+        self.deferred = self.query_malicious and p < self.policy.defer_below and can_defer
+        if self.deferred:
+            return None
         return self._act(self.query_malicious, self.query_malicious)
 
     def wants_reevaluation(self, n: int) -> bool:
@@ -128,6 +136,9 @@ class RowPolicy:
 
     def observe(self, p: float, n: int) -> str | None:
         """Take a re-evaluated verdict; returns INSERT or REFUSE when decoding must change."""
+        self.last_p = p
+        if self.deferred:
+            return self.settle() if n >= self.policy.r1 else None
         if self.query_malicious:
             return self._act(p >= self.threshold, False)
         malicious = p >= self.response_threshold
@@ -142,9 +153,21 @@ class RowPolicy:
             self.transition_at = self.run_start = None  # back to rule 2: one alarming word is tolerated
         return self._act(malicious, self.consecutive >= self.policy.tau)
 
+    def settle(self) -> str | None:
+        """End a deferral on the newest verdict: intervene as on a malicious query, or clear the
+        query, which is judged from then on as a benign one (rules 2 and 3). Also called when the
+        answer ends before its rule-1 window is complete."""
+        self.deferred = False
+        if self.last_p >= self.threshold:
+            return self._act(True, True)
+        self.query_malicious = False
+        return None
+
     def held_from(self, n: int) -> int:
         """The first of n response tokens that a later verdict could still withdraw (n: none)."""
         policy = self.policy
+        if self.deferred:
+            return 0
         if (
             policy.hold_back == 0
             or self.intervened

@@ -59,6 +59,15 @@ class Policy:
     r3: int = option(
         "rule 3: after a benign->malicious transition at S, [CLS] reads response tokens [S-r2, S+r3]", 10, min=1
     )
+    defer_below: float = option(
+        "rule 1 deferral: a malicious query verdict below this p(malicious) does not intervene at once; the "
+        "answer's first r1 tokens are generated and held back (never shown), and the rule-1 verdict on the query "
+        "and those tokens decides: intervene, or go on as a benign query (0: intervene at once on every malicious "
+        "query verdict, the paper's behaviour; 1: every malicious query verdict defers)",
+        0.0,
+        min=0,
+        max=1,
+    )
     min_window: int = option(
         "rules 2 and 3: a benign query's [CLS] is re-evaluated only once the response holds this many tokens "
         "(1: from the first; [CLS] learns response text on windows of 8 to 24 tokens)",
@@ -142,7 +151,7 @@ class Generation:
     """The withdrawn tokens as text (for research)."""
 
     def to_json(self) -> dict:
-        """The one serialization of a generation (CLI, server, evaluation records)."""
+        """The one serialization of a generation (CLI and server; evaluation records copy its fields)."""
         from dataclasses import asdict
 
         return asdict(self)
