@@ -103,7 +103,13 @@ class TrainConfig:
         "peak learning rate, with linear warm-up and linear decay (default 3e-4 for LoRA, 2e-5 for full)", None, above=0
     )
     head_lr: float = option("learning rate of the [CLS] row and the head, which start from scratch", 5e-3, above=0)
-    batch_size: int = option("sequences per optimiser step and process", 4, min=1)
+    batch_size: int = option("sequences per optimiser step and process (alignment phase)", 4, min=1)
+    pretrain_batch_size: int = option(
+        "sequences per optimiser step and process in the pretraining phase, whose windows are short "
+        "(about 17 tokens with the default data, so that a batch of 4 leaves a CPU mostly idle)",
+        16,
+        min=1,
+    )
     epochs: float = option("passes over the alignment data (ignored where --max-steps is set)", 1.0, above=0)
     pretrain_epochs: float = option(
         "passes over the pretraining-phase corpus (ignored where --max-steps is set)", 1.0, above=0

@@ -271,7 +271,8 @@ def _run_phase(
     phase, items, replay_items, model, encoder, config, accelerator, out, start, optimizer_state, phases_done
 ) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = config.batch_size * world
+    batch_size = config.pretrain_batch_size if phase == Phase.PRETRAIN else config.batch_size
+    per_step = batch_size * world
     epochs = config.pretrain_epochs if phase == Phase.PRETRAIN else config.epochs
     schedule = _Schedule(
         [len(i.ids) for i in items],
@@ -306,7 +307,7 @@ def _run_phase(
     interrupted = _InterruptFlag()
     try:
         for step in range(start, total):
-            replay, rows = schedule.rows(step, rank, config.batch_size)
+            replay, rows = schedule.rows(step, rank, batch_size)
             source, step_phase = (replay_items, Phase.PRETRAIN) if replay else (items, phase)
             batch = encoder.collate([source[i] for i in rows]).to(accelerator.device)
             factor = _lr_factor(step, total, config.warmup_ratio)
