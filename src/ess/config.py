@@ -117,8 +117,9 @@ class TrainConfig:
     max_steps: int | None = option("stop each phase after this many optimiser steps", None, min=1)
     group_by_length: bool = option(
         "batch sequences of similar length together (less padding): the sequences of every 50 steps are "
-        "sorted by length, cut into batches, and the batches shuffled",
-        True,
+        "sorted by length, cut into batches, and the batches shuffled. Off by default: refusals are shorter "
+        "than answers, so sorted batches hold mostly one class (docs/experiments.md)",
+        False,
     )
     max_length: int = option(
         "longest tokenized sequence; longer alignment examples lose the end of the response. The default holds "
