@@ -268,3 +268,9 @@ def test_response_threshold_applies_to_verdicts_on_response_text_only():
     assert own.observe(0.9, 10) is None and own.observe(0.96, 11) == INSERT  # the policy's own wins
     with pytest.raises(PolicyError):
         validate(Policy(response_threshold=1.5))
+
+
+def test_the_policy_threshold_overrides_the_models():
+    assert RowPolicy(Policy(), threshold=0.3, response_threshold=0.8).first_verdict(0.4) == INSERT
+    paper = RowPolicy(Policy(threshold=0.5), threshold=0.3, response_threshold=0.8)
+    assert paper.first_verdict(0.4) is None and not paper.query_malicious

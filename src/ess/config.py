@@ -34,8 +34,9 @@ class ESSConfig:
     """Id of `[CLS]` in the saved tokenizer; set when the model is built."""
     num_labels: int = 2
     """Classes of the head: 0 = benign, 1 = malicious."""
-    threshold: float = 0.5
-    """`p_malicious` at or above this is a malicious verdict."""
+    threshold: float = 0.3
+    """`p_malicious` at or above this is a malicious query verdict (and rule-1 verdict). Chosen on the
+    dev split (docs/experiments.md); the paper's 0.5 is the policy flag `--threshold 0.5`."""
     response_threshold: float = 0.8
     """After a benign first verdict (rules 2 and 3): `p_malicious` at or above this, on a window of
     answer text alone, is a malicious verdict (a window of answer text without the query is weaker

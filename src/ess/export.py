@@ -27,7 +27,11 @@ def export_merged(model: ESSModel, folder: str | Path) -> Path:
     """Write `model` as a merged checkpoint (see the module docstring); merges a LoRA in place."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
+    lm = model.lm
+    if hasattr(lm, "merge_and_unload"):
+        # A model loaded for inference is merged already (ESSModel.merge_lora): only the wrapper goes.
+        merged = any(getattr(layer, "merged", False) for layer in lm.modules() if hasattr(layer, "merged_adapters"))
+        lm = lm.unload() if merged else lm.merge_and_unload()
     model.lm = lm
     model.config = dataclasses.replace(model.config, adapter="merged")
     lm.save_pretrained(folder)

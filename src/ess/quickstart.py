@@ -126,7 +126,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         limit=config.limit,
         benign_limit=config.benign_limit,
         max_new_tokens=config.max_new_tokens,
-        batch_size=16,
+        batch_size=32,
         report=False,
     )
     result = run_eval(eval_config)

@@ -264,7 +264,10 @@ def _answer(
     thresholds = (
         (None, None)
         if plain
-        else (model.config.threshold, response_threshold_of(policy, model.config.response_threshold))
+        else (
+            policy.threshold or model.config.threshold,
+            response_threshold_of(policy, model.config.response_threshold),
+        )
     )
     records = [
         make_record(item, request, answer, model.tokenizer, thresholds)

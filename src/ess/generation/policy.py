@@ -37,7 +37,16 @@ def validate(policy: Policy) -> Policy:
     return policy
 
 
-POLICY_FLAGS = ("schedule", "reliance", "tau", "min_window", "response_threshold", "hold_back", "defer_below")
+POLICY_FLAGS = (
+    "schedule",
+    "reliance",
+    "tau",
+    "min_window",
+    "threshold",
+    "response_threshold",
+    "hold_back",
+    "defer_below",
+)
 """The Policy fields `ess eval` takes as ablation overrides of the evaluated model's policy."""
 
 
@@ -90,8 +99,9 @@ class RowPolicy:
     """The ESS state of one request during decoding."""
 
     def __init__(self, policy: Policy, threshold: float, response_threshold: float):
+        """`threshold` and `response_threshold`: the model's, which the policy's own override."""
         self.policy = policy
-        self.threshold = threshold
+        self.threshold = policy.threshold or threshold
         self.response_threshold = response_threshold_of(policy, response_threshold)
         self.query_malicious = False
         self.transition_at: int | None = None

@@ -74,6 +74,13 @@ class Policy:
         8,
         min=1,
     )
+    threshold: float | None = option(
+        "p(malicious) at which a query verdict (and a rule-1 verdict) counts as malicious (default: the model's "
+        "threshold, 0.5 as in the paper)",
+        None,
+        above=0,
+        max=1,
+    )
     response_threshold: float | None = option(
         "after a benign first verdict (rules 2 and 3): p(malicious) at which a re-evaluation counts as malicious "
         "(default: the model's calibrated response_threshold)",
