@@ -63,7 +63,7 @@ class QuickstartConfig:
 
 # Seconds of stages 1-4 on the 2-core reference CPU from a fresh $ESS_HOME (docs/experiments.md);
 # the overall ETA scales them by how fast this machine ran the finished stages.
-STAGE_SECONDS = (26, 815, 494, 66)
+STAGE_SECONDS = (24, 685, 303, 61)
 
 
 class _Clock:
