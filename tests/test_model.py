@@ -168,3 +168,20 @@ def test_forced_prefix_is_read_but_not_trained(tiny_llama):
         Example.from_prompt("bad request", "malicious", response=f"{guiding} it is harmful.")
     )
     assert all(plain.lm_target[start:])
+
+
+def test_a_bad_dtype_setting_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ESS_DTYPE": "fp16"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ess.cli", "classify", "--model", str(tmp_path), "--prompts", "x.txt"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "ESS_DTYPE='fp16': expected one of bfloat16, float32" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import EvalError
     from .generation import GenerationError, PolicyError
     from .judges import JudgeError
-    from .model import SequenceTooLong
+    from .model import DtypeError, SequenceTooLong, default_dtype
     from .training import TrainingError
 
     bad_input = (
@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         AttackError,
         JudgeError,
         SequenceTooLong,
+        DtypeError,
         FileNotFoundError,
     )
 
@@ -389,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code
     _log_to_stderr()
     try:
+        default_dtype()  # a bad $ESS_DTYPE stops the command before any work
         return args.run(args)
     except bad_input as error:
         print(f"ess {args.command}: error: {error}", file=sys.stderr)

@@ -56,6 +56,10 @@ def _default_device() -> torch.device:
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+class DtypeError(ValueError):
+    """`$ESS_DTYPE` names no dtype ess loads models in."""
+
+
 def native_dtype() -> torch.dtype:
     """bf16 on CUDA and on CPUs with native bf16 matrix units (AVX512-BF16, AMX); fp32 on other
     CPUs, where bf16 is emulated and slower than fp32."""
@@ -70,7 +74,7 @@ def default_dtype() -> torch.dtype:
     if not name:
         return native_dtype()
     if name not in DTYPES:
-        raise ValueError(f"ESS_DTYPE={name!r}: expected one of {', '.join(DTYPES)}")
+        raise DtypeError(f"ESS_DTYPE={name!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
