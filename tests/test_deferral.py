@@ -72,3 +72,12 @@ def test_deferral_off_intervenes_on_the_query_verdict(tiny_llama):
     requests = [dataclasses.replace(r, policy=dataclasses.replace(r.policy, defer_below=0.0)) for r in _deferring(8)]
     for g in generate(model, requests, batch_size=len(requests)):
         assert g.intervened and g.intervention_step == 0 and g.withdrawn_token_ids == [] and len(g.trace) == 1
+
+
+def test_deferral_holds_and_rolls_back_even_without_hold_back(tiny_llama):
+    model = _model(tiny_llama)
+    model.config.threshold = 0.0
+    requests = [dataclasses.replace(r, policy=dataclasses.replace(r.policy, hold_back=0)) for r in _deferring(24)]
+    fast = generate(model, requests, batch_size=len(requests))
+    _assert_same(fast, generate(model, requests, reference=True))
+    assert all(g.intervened and g.tokens_before_intervention == 0 and g.withdrawn_token_ids for g in fast)

@@ -118,7 +118,7 @@ def _late_stop_scores(model, requests: list[Request], reading: Policy, batch_siz
     return [
         late_stop_score([t.p_malicious for t in g.trace if t.rule in (2, 3)], reading.tau)
         for g in generations
-        if g.p_malicious < model.config.threshold
+        if g.p_malicious < (reading.threshold or model.config.threshold)
     ]
 
 

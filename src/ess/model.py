@@ -63,7 +63,7 @@ class DtypeError(ValueError):
 def native_dtype() -> torch.dtype:
     """bf16 on CUDA and on CPUs with native bf16 matrix units (AVX512-BF16, AMX); fp32 on other
     CPUs, where bf16 is emulated and slower than fp32."""
-    if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
         return torch.bfloat16
     return torch.float32
 

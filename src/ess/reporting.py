@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, and safe in threads and on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .config import ESSConfig  # noqa: E402
+
 COLORS = {"model": "#1f77b4", "baseline": "#d62728"}
 LABELS = {"model": "ESS model", "baseline": "baseline (plain)"}
 
@@ -136,7 +138,7 @@ def plot_trace(record: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(11.5, 4.6))
     # A verdict at step n has read response tokens 0..n-1: drawn on the boundary after token n-1.
     ax.plot([s - 0.5 for s in steps], ps, "o-", color=COLORS["model"], label="p(malicious) of [CLS]", markersize=4)
-    threshold = record.get("threshold") or 0.5
+    threshold = record.get("threshold") or ESSConfig.threshold
     ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
     response_threshold = record.get("response_threshold")
     if response_threshold and response_threshold != threshold and any(t["rule"] in (2, 3) for t in trace):

@@ -253,9 +253,11 @@ class _Schedule:
         self.per_step = per_step
         self.order = _data_order(n_items, self.main_steps * per_step, seed)
         self.replay_order = _data_order(n_replay, replay_steps * per_step, seed + 7919) if replay_steps else []
-        if config.group_by_length:
-            self.order = _grouped_by_length(self.order, lengths, per_step, seed)
-            self.replay_order = _grouped_by_length(self.replay_order, replay_lengths, per_step, seed + 7919)
+        if config.group_by_length:  # only what is trained: a group never crosses the end of the phase
+            self.order = _grouped_by_length(self.order[: self.main_steps * per_step], lengths, per_step, seed)
+            self.replay_order = _grouped_by_length(
+                self.replay_order[: replay_steps * per_step], replay_lengths, per_step, seed + 7919
+            )
 
     def rows(self, step: int, rank: int, batch_size: int) -> tuple[bool, list[int]]:
         """(is a replay step, item indices of this process's batch)."""

@@ -157,7 +157,11 @@ def _run_batch(
                 f"request {row.index}: prompt of {len(row.query_ids)} tokens plus up to "
                 f"{extra} response tokens exceeds the model's {what}"
             )
-    holds = any(row.request.policy.hold_back > 0 and not row.policy.plain for row in rows)
+    # A deferred row holds its answer whatever its hold_back: rollback needs the [CLS] versions too.
+    holds = any(
+        not row.policy.plain and (row.request.policy.hold_back > 0 or row.request.policy.defer_below > 0)
+        for row in rows
+    )
     engine = engine_class(model, [r.query_ids for r in rows], [r.policy.plain for r in rows], extra, versions=holds)
     eos = _eos_ids(model)
 
@@ -179,7 +183,9 @@ def _run_batch(
                 continue
             stop = cancelled is not None and cancelled(row.index)
             token = row.finish("cancelled") if stop else row.next_token(logits[i], eos)
-            if row.done and not stop and row.policy.deferred:
+            if row.done and stop and row.policy.deferred:
+                row.emitted = row.emitted[: row.released]  # a cancelled deferral shows nothing it held
+            elif row.done and row.policy.deferred:
                 # The answer ended before its deferred verdict: the newest verdict decides now.
                 action = row.policy.settle()
                 if action:

@@ -119,7 +119,7 @@ class RowPolicy:
         self.query_malicious = p >= self.threshold
         self.last_p = p
         # Deferring needs a later rule-1 verdict that can still act on what it reads.
-        can_defer = self.policy.reliance != "low" and reevaluates_after(self.policy.schedule, 0)
+        can_defer = self.policy.reliance != "low" and reevaluates_after(self.policy.schedule, self.policy.r1 - 1)
         self.deferred = self.query_malicious and p < self.policy.defer_below and can_defer
         if self.deferred:
             return None

@@ -76,7 +76,7 @@ class Policy:
     )
     threshold: float | None = option(
         "p(malicious) at which a query verdict (and a rule-1 verdict) counts as malicious (default: the model's "
-        "threshold, 0.5 as in the paper)",
+        "threshold: 0.3 for models trained by ess train, 0.5 in the paper)",
         None,
         above=0,
         max=1,
