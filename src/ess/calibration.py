@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .config import CALIBRATION_PROMPTS, MAX_LATE_STOP_RATE, ESSConfig
 from .fields import check, option
 from .generation import Policy, Request, Sampling, generate
+from .generation.policy import threshold_of
 from .metrics import calibrated_threshold
 
 MAX_ROUNDS = 6
@@ -118,7 +119,7 @@ def _late_stop_scores(model, requests: list[Request], reading: Policy, batch_siz
     return [
         late_stop_score([t.p_malicious for t in g.trace if t.rule in (2, 3)], reading.tau)
         for g in generations
-        if g.p_malicious < (reading.threshold or model.config.threshold)
+        if g.p_malicious < threshold_of(reading, model.config.threshold)
     ]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..attacks import AttackContext, AttackedInput, get_attack
 from ..data.loaders import load_examples
 from ..data.schema import Example
-from ..generation.policy import response_threshold_of, validate
+from ..generation.policy import response_threshold_of, threshold_of, validate
 from ..generation.types import Policy, Request
 from ..jsonfiles import read_json, write_json
 from ..judges import Judge, get_judge
@@ -265,7 +265,7 @@ def _answer(
         (None, None)
         if plain
         else (
-            policy.threshold or model.config.threshold,
+            threshold_of(policy, model.config.threshold),
             response_threshold_of(policy, model.config.response_threshold),
         )
     )

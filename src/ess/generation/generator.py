@@ -75,13 +75,18 @@ class _Row:
         prompt = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
         self.result = Generation(prompt=prompt, text="", token_ids=[], p_malicious=None, prefill=request.prefill)
 
-    def intervene(self, action: str, encoder: ChatEncoder, engine, row: int) -> None:
-        """Withdraw what is held, then queue the guiding text (or the fixed refusal) after what is
-        released or forced."""
+    def withdraw_held(self, engine, row: int) -> None:
+        """Drop the generated tokens not released yet (kept as `withdrawn_token_ids`) and roll the
+        engine back to the released ones."""
         if self.released < len(self.emitted):
             self.result.withdrawn_token_ids = self.emitted[self.released :]
             self.emitted = self.emitted[: self.released]
             engine.rollback(row, self.released)
+
+    def intervene(self, action: str, encoder: ChatEncoder, engine, row: int) -> None:
+        """Withdraw what is held, then queue the guiding text (or the fixed refusal) after what is
+        released or forced."""
+        self.withdraw_held(engine, row)
         shown = len(self.emitted) + len(self.forced)
         text = self.request.policy.guiding_text if action == INSERT else self.request.policy.refusal_text
         if shown:
@@ -157,11 +162,7 @@ def _run_batch(
                 f"request {row.index}: prompt of {len(row.query_ids)} tokens plus up to "
                 f"{extra} response tokens exceeds the model's {what}"
             )
-    # A deferred row holds its answer whatever its hold_back: rollback needs the [CLS] versions too.
-    holds = any(
-        not row.policy.plain and (row.request.policy.hold_back > 0 or row.request.policy.defer_below > 0)
-        for row in rows
-    )
+    holds = any(row.policy.may_withdraw for row in rows)
     engine = engine_class(model, [r.query_ids for r in rows], [r.policy.plain for r in rows], extra, versions=holds)
     eos = _eos_ids(model)
 
@@ -184,7 +185,7 @@ def _run_batch(
             stop = cancelled is not None and cancelled(row.index)
             token = row.finish("cancelled") if stop else row.next_token(logits[i], eos)
             if row.done and stop and row.policy.deferred:
-                row.emitted = row.emitted[: row.released]  # a cancelled deferral shows nothing it held
+                row.withdraw_held(engine, i)  # a cancelled deferral shows nothing it held
             elif row.done and row.policy.deferred:
                 # The answer ended before its deferred verdict: the newest verdict decides now.
                 action = row.policy.settle()

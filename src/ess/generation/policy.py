@@ -56,6 +56,11 @@ def policy_overrides(values: object) -> dict:
     return {name: value for name, value in found.items() if value is not None}
 
 
+def threshold_of(policy: Policy, model_threshold: float) -> float:
+    """The p(malicious) at which a query (or rule-1) verdict counts: the policy's own, else the model's."""
+    return policy.threshold or model_threshold
+
+
 def response_threshold_of(policy: Policy, model_threshold: float) -> float:
     """The p(malicious) at which a verdict on response text alone counts (rules 2 and 3): the
     policy's own, else the model's calibrated one."""
@@ -101,7 +106,7 @@ class RowPolicy:
     def __init__(self, policy: Policy, threshold: float, response_threshold: float):
         """`threshold` and `response_threshold`: the model's, which the policy's own override."""
         self.policy = policy
-        self.threshold = policy.threshold or threshold
+        self.threshold = threshold_of(policy, threshold)
         self.response_threshold = response_threshold_of(policy, response_threshold)
         self.query_malicious = False
         self.transition_at: int | None = None
@@ -114,6 +119,12 @@ class RowPolicy:
     @property
     def plain(self) -> bool:
         return self.policy.schedule == "none"
+
+    @property
+    def may_withdraw(self) -> bool:
+        """Whether a verdict may withdraw generated tokens (hold-back or deferral): the engine then
+        keeps the [CLS] versions a rollback restores."""
+        return not self.plain and (self.policy.hold_back > 0 or self.policy.defer_below > 0)
 
     def first_verdict(self, p: float) -> str | None:
         self.query_malicious = p >= self.threshold
