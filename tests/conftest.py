@@ -4,6 +4,7 @@ stub, and transformers' own greedy `generate` as the reference of plain generati
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,8 @@ from ess.hub import DEFAULT_MODEL, resolve_base
 # The tests compare the cached loop with the from-scratch reference and with recorded outputs:
 # exact in fp32, not in bf16 (the two paths round differently). tests/test_mission.py runs the
 # quickstart in the user's dtype.
+USER_DTYPE = os.environ.get("ESS_DTYPE")
+"""The dtype the user asked for before the tests pinned fp32 (None: the machine's native one)."""
 os.environ.setdefault("ESS_DTYPE", "float32")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -105,6 +108,30 @@ def http_stub():
     for httpd in servers:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def run_ess(capsys):
+    """`run_ess(argv)` runs the `ess` command line in this process and returns (exit code, stderr):
+    what a shell sees, without the seconds a new interpreter spends importing torch."""
+    from ess.cli import main
+
+    logger = logging.getLogger("ess")
+
+    def run(argv: list[str]) -> tuple[int, str]:
+        capsys.readouterr()
+        before = list(logger.handlers)
+        try:
+            code = main(argv)
+        finally:  # main logs to the stderr of this test, a stream gone after it; a training sets up accelerate
+            for handler in set(logger.handlers) - set(before):
+                logger.removeHandler(handler)
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(True)
+        return code, capsys.readouterr().err
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -74,19 +74,24 @@ def test_default_model_rollback_loop_is_exact(model):
         ("What is a prime number?", "annealing", "medium"),
     ]
     model.config.threshold = 1.01  # every first verdict benign
-    requests = []
-    for q, schedule, reliance in cases:
-        policy = Policy(schedule=schedule, reliance=reliance, tau=1, r2=5, r3=3, min_window=2, hold_back=3)
-        request = Request([{"role": "user", "content": q}], sampling=Sampling(max_new_tokens=20), policy=policy)
-        watched = dataclasses.replace(
-            request, policy=dataclasses.replace(policy, reliance="low", response_threshold=1.0)
+    requests = [
+        Request(
+            [{"role": "user", "content": q}],
+            sampling=Sampling(max_new_tokens=20),
+            policy=Policy(schedule=schedule, reliance=reliance, tau=1, r2=5, r3=3, min_window=2, hold_back=3),
         )
-        trace = [t for t in generate(model, [watched])[0].trace[1:]]
+        for q, schedule, reliance in cases
+    ]
+    watched = [
+        dataclasses.replace(r, policy=dataclasses.replace(r.policy, reliance="low", response_threshold=1.0))
+        for r in requests
+    ]
+    for request, answer in zip(requests, generate(model, watched, batch_size=3)):
+        trace = answer.trace[1:]
         later = max(t.p_malicious for t in trace if t.step >= 6)
         earlier = max([t.p_malicious for t in trace if t.step < 6], default=0.0)
         if later - earlier > 1e-3:  # a threshold the answer first crosses past token 6
-            policy.response_threshold = (later + max(earlier, later - 1e-2)) / 2
-        requests.append(request)
+            request.policy.response_threshold = (later + max(earlier, later - 1e-2)) / 2
     fast = generate(model, requests, batch_size=3)
     slow = generate(model, requests, reference=True)
     for a, b in zip(fast, slow):

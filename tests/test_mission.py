@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import USER_DTYPE
 from ess.data.loaders import load_prompts
 from ess.metrics import auroc
 
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.slow
 def quickstart(tmp_path_factory) -> Path:
     out = Path(os.environ.get("ESS_TEST_QUICKSTART_DIR") or tmp_path_factory.mktemp("quickstart"))
     env = {k: v for k, v in os.environ.items() if k != "ESS_DTYPE"}  # the user's dtype, not the tests' fp32
+    if USER_DTYPE:
+        env["ESS_DTYPE"] = USER_DTYPE
     result = subprocess.run(
         [sys.executable, "-m", "ess.cli", "quickstart", "--out", str(out)],
         capture_output=True,
@@ -39,9 +42,10 @@ def quickstart(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ess_model(quickstart):
-    from ess.model import ESSModel, native_dtype
+    from ess.model import DTYPES, ESSModel, native_dtype
 
-    return ESSModel.from_pretrained(quickstart / "train" / "final", dtype=native_dtype()).eval()
+    dtype = DTYPES[USER_DTYPE] if USER_DTYPE else native_dtype()  # as the quickstart ran
+    return ESSModel.from_pretrained(quickstart / "train" / "final", dtype=dtype).eval()
 
 
 def test_quickstart_summary_tells_the_story(quickstart):

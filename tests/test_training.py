@@ -19,7 +19,20 @@ DATA = ["--data", "seed:heldout_benign", "seed:heldout_harmful"]
 
 
 def _train_args(base: str, out: Path, *extra: str) -> list[str]:
-    return ["train", "--base", base, *DATA, "--out", str(out), "--batch-size", "4", *extra]
+    # No response calibration: tests/test_calibration.py and the quickstart cover it.
+    return [
+        "train",
+        "--base",
+        base,
+        *DATA,
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--response-calibration",
+        "none",
+        *extra,
+    ]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -73,21 +86,18 @@ def test_interrupted_run_resumes_without_losing_a_step(tiny_llama, tmp_path):
         ("--batch-size", "0", "batch_size"),
     ),
 )
-def test_counts_below_their_least_are_refused(tiny_llama, tmp_path, option, value, field):
-    args = _train_args(tiny_llama, tmp_path / "run", option, value)
-    result = subprocess.run(ESS + args, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert f"{field} must be at least" in result.stderr and "Traceback" not in result.stderr
+def test_counts_below_their_least_are_refused(tiny_llama, tmp_path, run_ess, option, value, field):
+    code, stderr = run_ess(_train_args(tiny_llama, tmp_path / "run", option, value))
+    assert code == 2 and f"{field} must be at least" in stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_changed_flags_on_the_same_out_are_refused(tiny_llama, tmp_path):
+def test_changed_flags_on_the_same_out_are_refused(tiny_llama, tmp_path, run_ess):
     out = tmp_path / "run"
-    subprocess.run(ESS + _train_args(tiny_llama, out, "--max-steps", "1"), check=True, capture_output=True)
+    assert run_ess(_train_args(tiny_llama, out, "--max-steps", "1"))[0] == 0
     (out / "final").rename(out / "moved")
-    result = subprocess.run(ESS + _train_args(tiny_llama, out, "--max-steps", "2"), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "max_steps differ" in result.stderr and "Traceback" not in result.stderr
+    code, stderr = run_ess(_train_args(tiny_llama, out, "--max-steps", "2"))
+    assert code == 2 and "max_steps differ" in stderr
 
 
 def test_two_processes_with_accelerate(tiny_llama, tmp_path):
@@ -137,14 +147,12 @@ def test_two_processes_with_accelerate(tiny_llama, tmp_path):
         (["calibrate", "--model", "{tmp}/nope"], "not an ESS checkpoint"),
     ],
 )
-def test_bad_input_is_one_clear_line(tiny_llama, tmp_path, argv, message):
+def test_bad_input_is_one_clear_line(tiny_llama, tmp_path, run_ess, argv, message):
     (tmp_path / "p.txt").write_text("hello\n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "label": "benign"}\n{"prompt": "b", "label": \n')
     (tmp_path / "label.jsonl").write_text('{"prompt": "a", "label": "harmless"}\n')
-    argv = [a.format(tmp=tmp_path, tiny=tiny_llama) for a in argv]
-    result = subprocess.run(ESS + argv, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    code, stderr = run_ess([a.format(tmp=tmp_path, tiny=tiny_llama) for a in argv])
+    assert code == 2 and message in stderr
 
 
 def test_alignment_steps_interleave_replay_steps():
@@ -256,8 +264,8 @@ def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_
     examples = [replace(e, response=e.response or "Here is how.") for e in load_sources(DATA[1:])]
     plain = TrainConfig(out=str(tmp_path), data=DATA[1:])
     augmented = TrainConfig(out=str(tmp_path), data=DATA[1:], augment=["tense", "noise"], augment_rate=0.5)
-    base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples)
-    items, _ = _phase_items(Phase.ALIGN, augmented, model, encoder, examples)
+    base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples, examples)
+    items, _ = _phase_items(Phase.ALIGN, augmented, model, encoder, examples, examples)
     extra = items[len(base_items) :]
     assert len(extra) == len(base_items) // 2
     assert {item.label for item in extra} == {0, 1}
@@ -265,11 +273,9 @@ def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_
     assert sum(item.label for item in extra) == len(extra) // 2
 
 
-def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path):
-    result = subprocess.run(
-        ESS + _train_args(tiny_llama, tmp_path / "run", "--augment", "typos"), capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "augment: unknown augment kind 'typos'" in result.stderr
+def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path, run_ess):
+    code, stderr = run_ess(_train_args(tiny_llama, tmp_path / "run", "--augment", "typos"))
+    assert code == 2 and "augment: unknown augment kind 'typos'" in stderr
 
 
 def test_every_augment_kind_rewrites_both_classes_alike():

@@ -6,8 +6,8 @@ runs the harness's own command line with `ess` registered (the harness does not 
 of other packages); from Python, `import ess.lm_eval_adapter` and pass `model="ess"` to
 `lm_eval.simple_evaluate`. `pretrained` is anything `--model` of the other commands takes: an ESS
 checkpoint or run folder, a baseline run folder, or a base LM, the last two run plain. The other
-model arguments are the policy's (`schedule`, `reliance`, `tau`, `min_window`,
-`response_threshold`) and `batch_size`.
+model arguments are the policy's (`ess.generation.policy.POLICY_FLAGS`: `schedule`, `reliance`,
+`tau`, `min_window`, `threshold`, `response_threshold`, `hold_back`, `defer_below`) and `batch_size`.
 
 A harness context is the query exactly as the model reads it (with `--apply_chat_template` the
 harness renders it with the model's template first). Log-likelihoods are those of the model as it

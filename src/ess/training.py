@@ -65,6 +65,9 @@ def train(config: TrainConfig, base: str) -> Path:
     # A baseline trains the alignment phase only: the pretraining phase teaches [CLS] to judge text.
     phases = [Phase.ALIGN] if baseline else PHASES[config.phase]
     response_calibration = _response_calibration(config) if Phase.ALIGN in phases and not baseline else None
+    # Every data file is read before the model loads: a bad row fails at once.
+    examples = load_sources(config.data)
+    pretrain_examples = load_sources(config.pretrain_data) if config.pretrain_data else examples
     try:
         precision = resolve(config.precision, config.full)
     except PrecisionError as error:
@@ -93,14 +96,13 @@ def train(config: TrainConfig, base: str) -> Path:
         raise TrainingError(str(error)) from None
     model.to(accelerator.device).train()
     encoder = ChatEncoder.for_model(model, config.max_length)
-    examples = load_sources(config.data)
 
     for phase in phases:
         if phase in state["phases_done"]:
             continue
         # The first process generates and caches the base model's answers; the others read them.
         with accelerator.main_process_first():
-            items, replay = _phase_items(phase, config, model, encoder, examples)
+            items, replay = _phase_items(phase, config, model, encoder, examples, pretrain_examples)
         start = state["step"] if state["phase"] == phase else 0
         optimizer_state = checkpoint / "optimizer.safetensors" if checkpoint and start else None
         _run_phase(
@@ -148,11 +150,11 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
 
 
 def _phase_items(
-    phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder, examples: list
+    phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder, examples: list, pretrain_examples: list
 ) -> tuple[list[Encoded], list[Encoded]]:
-    """(items, replay items) of a phase.
-
-    Replay items (alignment phase only) are the pretraining-phase windows without LM targets."""
+    """(items, replay items) of a phase: `examples` make the alignment mixture, `pretrain_examples`
+    the pretraining-phase windows. Replay items (alignment phase only) are those windows without LM
+    targets."""
     base = model.config.base_model
     if is_baseline(config.method):
         items = baseline_items(
@@ -162,8 +164,7 @@ def _phase_items(
     replay = phase == Phase.ALIGN and config.replay_every > 0
     windows = []
     if phase == Phase.PRETRAIN or replay:
-        sources = load_sources(config.pretrain_data) if config.pretrain_data else examples
-        windows = pretraining_texts(sources, base, model.tokenizer, config.windows_per_answer, config.seed)
+        windows = pretraining_texts(pretrain_examples, base, model.tokenizer, config.windows_per_answer, config.seed)
     if phase == Phase.PRETRAIN:
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed, config.refusal_resamples)
