@@ -81,3 +81,28 @@ def test_deferral_holds_and_rolls_back_even_without_hold_back(tiny_llama):
     fast = generate(model, requests, batch_size=len(requests))
     _assert_same(fast, generate(model, requests, reference=True))
     assert all(g.intervened and g.tokens_before_intervention == 0 and g.withdrawn_token_ids for g in fast)
+
+
+def test_a_deferral_that_clears_shows_the_whole_answer(tiny_llama):
+    """Each row's query threshold is set between its query verdict and its rule-1 verdict: the
+    query defers, its answer's start clears it, and the held tokens are shown after all."""
+    model = _model(tiny_llama)
+    watched = [
+        dataclasses.replace(r, policy=dataclasses.replace(r.policy, reliance="low", threshold=1e-6))
+        for r in _deferring(24)
+    ]
+    requests = []
+    for request, answer in zip(watched, generate(model, watched, batch_size=len(watched))):
+        query = answer.trace[0].p_malicious
+        # The verdict that decides a deferral: the first rule-1 verdict at or after r1 tokens.
+        rule_1 = next(t.p_malicious for t in answer.trace if t.rule == 1 and t.step >= request.policy.r1)
+        if query - rule_1 > 5e-5:  # the tiny random model's verdicts move little
+            between = (query + rule_1) / 2
+            policy = dataclasses.replace(request.policy, reliance="medium", threshold=between, response_threshold=1.0)
+            requests.append(dataclasses.replace(request, policy=policy))
+    assert requests, "no row whose answer's start lowers its verdict"
+    fast = generate(model, requests, batch_size=len(requests))
+    _assert_same(fast, generate(model, requests, reference=True))
+    for g in fast:
+        assert not g.intervened and g.withdrawn_token_ids == [] and len(g.token_ids) == 24
+        assert any(t.rule == 1 for t in g.trace) and any(t.rule == 2 for t in g.trace)  # deferred, then cleared
