@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -158,15 +160,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .generation import load_model
     from .server import ChatServer, ServeConfig
 
+    def refused(error: OSError) -> int:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        print(f"ess serve: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 2
+
+    try:  # a port in use fails before anything loads
+        socket.create_server((args.host, args.port)).close()
+    except OSError as error:
+        return refused(error)
     config = ServeConfig(
         name=args.model, policy=_policy(args), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
     )
     model = load_model(args.model)
     try:
         server = ChatServer((args.host, args.port), model, config)
-    except OSError as error:
-        print(f"ess serve: error: cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
-        return 2
+    except OSError as error:  # taken while the model loaded
+        return refused(error)
     host, port = server.server_address[:2]
     print(f"ess serve: {args.model} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
     try:
