@@ -15,11 +15,11 @@ import torch
 
 from ess.hub import DEFAULT_MODEL, resolve_base
 
+USER_DTYPE = os.environ.get("ESS_DTYPE")
+"""The dtype the user asked for before the tests pinned fp32 (None: the machine's native one)."""
 # The tests compare the cached loop with the from-scratch reference and with recorded outputs:
 # exact in fp32, not in bf16 (the two paths round differently). tests/test_mission.py runs the
 # quickstart in the user's dtype.
-USER_DTYPE = os.environ.get("ESS_DTYPE")
-"""The dtype the user asked for before the tests pinned fp32 (None: the machine's native one)."""
 os.environ.setdefault("ESS_DTYPE", "float32")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
