@@ -30,7 +30,8 @@ def quickstart(tmp_path_factory) -> Path:
     if USER_DTYPE:
         env["ESS_DTYPE"] = USER_DTYPE
     result = subprocess.run(
-        [sys.executable, "-m", "ess.cli", "quickstart", "--out", str(out)],
+        # Without its overhead stage: a benchmark, not a test (tests/test_bench.py tests the bench).
+        [sys.executable, "-m", "ess.cli", "quickstart", "--out", str(out), "--no-bench"],
         capture_output=True,
         text=True,
         timeout=3600,

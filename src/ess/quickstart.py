@@ -56,6 +56,7 @@ class QuickstartConfig:
     utility: str = option(
         "reference answers whose perplexity is the utility proxy (held out from training)", "seed:utility_reference"
     )
+    bench: bool = option("measure the overhead of each re-classification schedule (stage 4, about a minute)", True)
 
     def __post_init__(self):
         check(self)
@@ -63,26 +64,27 @@ class QuickstartConfig:
 
 # Seconds of stages 1-4 on the 2-core reference CPU from a fresh $ESS_HOME (docs/experiments.md);
 # the overall ETA scales them by how fast this machine ran the finished stages.
-STAGE_SECONDS = (24, 685, 303, 61)
+STAGE_SECONDS = (26, 690, 304, 54)
 
 
 class _Clock:
     """Stage headers with one overall ETA, and the time each stage took."""
 
-    def __init__(self):
+    def __init__(self, reference: tuple[int, ...] = STAGE_SECONDS):
         self.begun = time.time()
+        self.reference = reference  # seconds of the stages that will run, on the reference CPU
         self.finished: list[float] = []  # seconds of each finished stage
 
     def _eta(self, number: int) -> str:
-        done_reference = sum(STAGE_SECONDS[: len(self.finished)])
+        done_reference = sum(self.reference[: len(self.finished)])
         # A stage that reused finished work says little about this machine's speed.
         scale = sum(self.finished) / done_reference if done_reference >= 60 and sum(self.finished) > 10 else 1.0
-        left = scale * sum(STAGE_SECONDS[number - 1 :])
+        left = scale * sum(self.reference[number - 1 :])
         elapsed = time.time() - self.begun
         return f"{elapsed / 60:.0f} min elapsed, about {max(1, round(left / 60))} min left"
 
     def stage(self, number: int, title: str) -> float:
-        eta = f"   (overall: {self._eta(number)})" if number <= len(STAGE_SECONDS) else ""
+        eta = f"   (overall: {self._eta(number)})" if number <= len(self.reference) else ""
         logger.info(f"== [{number}/5] {title}{eta}")
         return time.time()
 
@@ -103,7 +105,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     total = time.time()
-    clock = _Clock()
+    clock = _Clock(STAGE_SECONDS if config.bench else STAGE_SECONDS[:3])
 
     started = clock.stage(1, f"prepare the default model {DEFAULT_MODEL}")
     logger.info(f"   {resolve_base(DEFAULT_MODEL)}")
@@ -134,19 +136,23 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     write_json(out / "test_split.json", test_split)
     clock.done(started)
 
-    started = clock.stage(4, "overhead of each re-classification schedule (batch 1)")
-    bench_file = out / "bench.json"
-    if not bench_file.exists():
-        bench = run_bench(load_model(str(final)), BenchConfig(batch_sizes=(1,), max_new_tokens=64, repeats=2))
-        write_json(bench_file, bench)
-    bench = json.loads(bench_file.read_text())
-    clock.done(started)
+    bench = None
+    if config.bench:
+        started = clock.stage(4, "overhead of each re-classification schedule (batch 1)")
+        bench_file = out / "bench.json"
+        if not bench_file.exists():
+            write_json(
+                bench_file,
+                run_bench(load_model(str(final)), BenchConfig(batch_sizes=(1,), max_new_tokens=64, repeats=2)),
+            )
+        bench = json.loads(bench_file.read_text())
+        clock.done(started)
 
     clock.stage(5, "report")
     summary = result.summary
     result.write_report(preamble=_story(config, summary, bench, test_split))
     logger.info(f"finished in {time.time() - total:.0f} s")
-    overhead = {row["schedule"]: row["overhead"] for row in bench["rows"]}
+    overhead = {row["schedule"]: row["overhead"] for row in bench["rows"]} if bench else {}
     return summary | {"overhead": overhead, "test_split": test_split}
 
 
@@ -171,7 +177,7 @@ def _test_split_verdicts(final: Path, config: QuickstartConfig) -> dict:
     }
 
 
-def _story(config: QuickstartConfig, summary: dict, bench: dict, test_split: dict) -> str:
+def _story(config: QuickstartConfig, summary: dict, bench: dict | None, test_split: dict) -> str:
     """The quickstart's own opening of report.md: what was done, the comparison, the cost."""
     lines = [
         "# ESS quickstart: SmolLM2-135M-Instruct, undefended vs ESS",
@@ -189,19 +195,18 @@ def _story(config: QuickstartConfig, summary: dict, bench: dict, test_split: dic
         f"{test_split['n'][0]} harmful and {100 * test_split['benign_flagged']:.1f} % of {test_split['n'][1]} "
         f"benign-but-alarming prompts (AUROC {test_split['auroc']:.3f}).",
         "",
-        "Overhead of each re-classification schedule (batch 1, 64 tokens, same model without [CLS] = `none`; "
-        "measured in one run):",
-        "",
-        "| schedule | tokens/s | overhead |",
-        "|---|---|---|",
     ]
-    lines += [f"| {r['schedule']} | {r['tokens_per_s']:.1f} | {r['overhead']:+.3f} |" for r in bench["rows"]]
-    lines += [
-        f"| transformers `generate` (base model) | {bench['hf_generate_tokens_per_s']['1']:.1f} | |",
-        "",
-        "---",
-        "",
-    ]
+    if bench:
+        lines += [
+            "Overhead of each re-classification schedule (batch 1, 64 tokens, same model without [CLS] = `none`; "
+            "measured in one run):",
+            "",
+            "| schedule | tokens/s | overhead |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {r['schedule']} | {r['tokens_per_s']:.1f} | {r['overhead']:+.3f} |" for r in bench["rows"]]
+        lines += [f"| transformers `generate` (base model) | {bench['hf_generate_tokens_per_s']['1']:.1f} | |", ""]
+    lines += ["---", ""]
     return "\n".join(lines)
 
 
