@@ -65,9 +65,6 @@ def train(config: TrainConfig, base: str) -> Path:
     # A baseline trains the alignment phase only: the pretraining phase teaches [CLS] to judge text.
     phases = [Phase.ALIGN] if baseline else PHASES[config.phase]
     response_calibration = _response_calibration(config) if Phase.ALIGN in phases and not baseline else None
-    # Every data file is read before the model loads: a bad row fails at once.
-    examples = load_sources(config.data)
-    pretrain_examples = load_sources(config.pretrain_data) if config.pretrain_data else examples
     try:
         precision = resolve(config.precision, config.full)
     except PrecisionError as error:
@@ -79,6 +76,9 @@ def train(config: TrainConfig, base: str) -> Path:
     if (final / CONFIG_FILE).exists() or (final / METHOD_FILE).exists():
         _log(accelerator, f"{out}: training already finished; the model is in {final}")
         return final
+    # Every data file is read before the model loads: a bad row fails at once.
+    examples = load_sources(config.data)
+    pretrain_examples = load_sources(config.pretrain_data) if config.pretrain_data else examples
     _check_same_run(out, config, base, accelerator)
 
     checkpoint = _latest_checkpoint(out)
