@@ -20,19 +20,8 @@ DATA = ["--data", "seed:heldout_benign", "seed:heldout_harmful"]
 
 def _train_args(base: str, out: Path, *extra: str) -> list[str]:
     # No response calibration: tests/test_calibration.py and the quickstart cover it.
-    return [
-        "train",
-        "--base",
-        base,
-        *DATA,
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--response-calibration",
-        "none",
-        *extra,
-    ]
+    common = ["--batch-size", "4", "--response-calibration", "none"]
+    return ["train", "--base", base, *DATA, "--out", str(out), *common, *extra]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
