@@ -415,7 +415,14 @@ def test_every_seed_set_belongs_to_one_split():
         if name not in train
         and not name.startswith(SPLITS["dev"] + SPLITS["test"] + SPLITS["calibration"] + SPLITS["utility"])
     } == set()
-    assert {"dev_harmful", "dev_benign_alarming", "test_harmful", "test_benign_alarming"} <= set(seed_names())
+    assert {
+        "dev_harmful",
+        "dev_benign_alarming",
+        "dev_harmful_styled",
+        "dev_benign_styled",
+        "test_harmful",
+        "test_benign_alarming",
+    } <= set(seed_names())
     assert load_prompts("seed:heldout_harmful") == load_prompts("seed:dev_harmful")
 
 
@@ -432,13 +439,15 @@ def test_the_splits_share_no_prompt_or_near_duplicate():
 
 
 @needs_seed
-def test_test_sets_hold_no_augmentation_wording():
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_dev_and_test_sets_hold_no_augmentation_wording(split):
+    """Recipe decisions about augmentation are made on dev (its `*_styled` sets) and reported on test."""
     from ess.data.augment import TEMPLATE_TEXTS
 
     fixed = [piece for text in TEMPLATE_TEXTS for piece in re.split(r"\{task\}|\{prompt\}", text) if len(piece) > 20]
-    test = _split("test")
-    assert [(p, f) for p in test for f in fixed if f.strip().lower() in p.lower()] == []
-    assert _near_duplicates(test, [f for f in fixed if len(_words(f)) > 4], limit=0.5) == []
+    prompts = _split(split)
+    assert [(p, f) for p in prompts for f in fixed if f.strip().lower() in p.lower()] == []
+    assert _near_duplicates(prompts, [f for f in fixed if len(_words(f)) > 4], limit=0.5) == []
 
 
 def _public_prompts() -> list[str]:
