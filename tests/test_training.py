@@ -172,7 +172,7 @@ def test_length_grouping_pads_less_and_keeps_each_group_of_steps():
     lengths = [random.Random(i).randint(10, 200) for i in range(1000)]
 
     def schedule(grouped: bool) -> list[list[int]]:
-        s = _Schedule(lengths, [], 4, TrainConfig(out="x", group_by_length=grouped), 1.0, seed=3)
+        s = _Schedule(lengths, [], 4, TrainConfig(out="x"), 1.0, seed=3, grouped=grouped)
         return [s.rows(step, 0, 4)[1] for step in range(s.total)]
 
     plain, grouped = schedule(False), schedule(True)

@@ -116,11 +116,13 @@ class TrainConfig:
         "passes over the pretraining-phase corpus (ignored where --max-steps is set)", 1.0, above=0
     )
     max_steps: int | None = option("stop each phase after this many optimiser steps", None, min=1)
-    group_by_length: bool = option(
-        "batch sequences of similar length together (less padding): the sequences of every 50 steps are "
-        "sorted by length, cut into batches, and the batches shuffled. Off by default: refusals are shorter "
-        "than answers, so sorted batches hold mostly one class (docs/experiments.md)",
-        False,
+    group_by_length: str = option(
+        "phases whose batches hold sequences of similar length (less padding): the sequences of every 50 steps "
+        "are sorted by length, cut into batches, and the batches shuffled. pretrain (the default): its windows "
+        "are cut at random lengths, so sorted batches keep both classes; both: the alignment phase too, where "
+        "refusals are shorter than answers and sorted batches hold mostly one class (docs/experiments.md); none",
+        "pretrain",
+        choices=("none", "pretrain", "both"),
     )
     max_length: int = option(
         "longest tokenized sequence; longer alignment examples lose the end of the response. The default holds "

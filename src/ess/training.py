@@ -240,6 +240,7 @@ class _Schedule:
         config: TrainConfig,
         epochs: float,
         seed: int,
+        grouped: bool = False,
     ):
         n_items, n_replay = len(lengths), len(replay_lengths)
         self.every = config.replay_every if n_replay else 0
@@ -254,7 +255,7 @@ class _Schedule:
         self.per_step = per_step
         self.order = _data_order(n_items, self.main_steps * per_step, seed)
         self.replay_order = _data_order(n_replay, replay_steps * per_step, seed + 7919) if replay_steps else []
-        if config.group_by_length:  # only what is trained: a group never crosses the end of the phase
+        if grouped:  # only what is trained: a group never crosses the end of the phase
             self.order = _grouped_by_length(self.order[: self.main_steps * per_step], lengths, per_step, seed)
             self.replay_order = _grouped_by_length(
                 self.replay_order[: replay_steps * per_step], replay_lengths, per_step, seed + 7919
@@ -284,6 +285,7 @@ def _run_phase(
         config,
         epochs,
         config.seed + len(phases_done),
+        grouped=config.group_by_length == "both" or (config.group_by_length == "pretrain" and phase == Phase.PRETRAIN),
     )
     total = schedule.total
     lambda_align = config.lambda_cls if config.lambda_cls is not None else model.config.lambda_align
