@@ -1,0 +1,85 @@
+"""Where a training step of the default recipe spends its time (collate, forward, backward, gradient
+clipping, optimiser), on the default model with LoRA in the machine's dtype: prints a table, writes
+JSON. Each configuration runs one warm-up step, then `--steps` timed steps over the same batches.
+
+    PYTHONPATH=src python benchmarks/train_step.py [--steps 8] [--out train_step.json]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from ess.data.encoding import ChatEncoder
+from ess.data.recipe import alignment_examples, load_sources, pretraining_texts
+from ess.hub import DEFAULT_MODEL, resolve_base
+from ess.masks import Phase, Role
+from ess.model import ESSModel, native_dtype
+
+PARTS = ("collate", "forward", "backward", "clip", "optimizer")
+
+
+def time_steps(model, encoder, items, phase: str, batch_size: int, steps: int) -> dict:
+    """Mean seconds per part of a step, and real (non-padding) tokens per second."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    totals, real = dict.fromkeys(PARTS, 0.0), 0
+    for step in range(steps + 1):
+        rows = items[step * batch_size : (step + 1) * batch_size]
+        marks = [time.perf_counter()]
+        batch = encoder.collate(rows)
+        marks.append(time.perf_counter())
+        output = model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels)
+        marks.append(time.perf_counter())
+        output.loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        marks.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if step:  # the first step warms up
+            for part, start, end in zip(PARTS, marks, marks[1:]):
+                totals[part] += end - start
+            real += int((batch.roles != Role.PAD).sum())
+    seconds = {part: total / steps for part, total in totals.items()}
+    return {**seconds, "step": sum(seconds.values()), "real_tokens_per_s": real / sum(totals.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (default 8)")
+    parser.add_argument("--out", default="train_step.json", help="JSON file written (default train_step.json)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = ESSModel.from_base(resolve_base(DEFAULT_MODEL), adapter="lora", dtype=native_dtype()).train()
+    encoder = ChatEncoder.for_model(model, 320)
+    examples = load_sources(["seed"])
+    base = model.config.base_model
+    n = 16 * (args.steps + 1)
+    windows = pretraining_texts(examples, base, model.tokenizer, 2)[:n]
+    window_items = [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows]
+    by_length = sorted(window_items, key=lambda item: len(item.ids))
+    mixture = [
+        encoder.encode_example(e) for e in alignment_examples(examples, base, None, 0, 0)[: 4 * (args.steps + 1)]
+    ]
+    configs = {
+        "pretrain, 16 random windows": (window_items, Phase.PRETRAIN, 16),
+        "pretrain, 16 windows by length": (by_length, Phase.PRETRAIN, 16),
+        "align, 4 random sequences": (mixture, Phase.ALIGN, 4),
+    }
+    results = {
+        name: time_steps(model, encoder, items, phase, size, args.steps)
+        for name, (items, phase, size) in configs.items()
+    }
+    print(f"{'configuration':32s} " + " ".join(f"{p:>9s}" for p in (*PARTS, "step")) + "  real tok/s")
+    for name, r in results.items():
+        print(f"{name:32s} " + " ".join(f"{r[p]:9.3f}" for p in (*PARTS, "step")) + f"  {r['real_tokens_per_s']:10.0f}")
+    with open(args.out, "w") as f:
+        json.dump({"dtype": str(native_dtype()), "steps": args.steps, "results": results}, f, indent=2)
+    print(f"seconds per step; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
