@@ -1,6 +1,8 @@
 """Where a training step of the default recipe spends its time (collate, forward, backward, gradient
-clipping, optimiser), on the default model with LoRA in the machine's dtype: prints a table, writes
-JSON. Each configuration runs one warm-up step, then `--steps` timed steps over the same batches.
+clipping, optimiser), on the default model with LoRA in the machine's dtype, with the sdpa and the
+eager attention of transformers: prints a table, writes JSON. Each configuration runs one warm-up
+step, then `--steps` timed steps; the configurations take turns for `--rounds` rounds, so that a
+machine whose speed drifts slows them alike.
 
     PYTHONPATH=src python benchmarks/train_step.py [--steps 8] [--out train_step.json]
 """
@@ -50,6 +52,7 @@ def time_steps(model, encoder, items, phase: str, batch_size: int, steps: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (default 8)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the configurations (default 2)")
     parser.add_argument("--out", default="train_step.json", help="JSON file written (default train_step.json)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -64,20 +67,27 @@ def main() -> None:
     mixture = [
         encoder.encode_example(e) for e in alignment_examples(examples, base, None, 0, 0)[: 4 * (args.steps + 1)]
     ]
-    configs = {
+    data = {
         "pretrain, 16 random windows": (window_items, Phase.PRETRAIN, 16),
         "pretrain, 16 windows by length": (by_length, Phase.PRETRAIN, 16),
         "align, 4 random sequences": (mixture, Phase.ALIGN, 4),
     }
-    results = {
-        name: time_steps(model, encoder, items, phase, size, args.steps)
-        for name, (items, phase, size) in configs.items()
-    }
-    print(f"{'configuration':32s} " + " ".join(f"{p:>9s}" for p in (*PARTS, "step")) + "  real tok/s")
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for attention in ("sdpa", "eager"):
+            model.base_lm.set_attn_implementation(attention)
+            for name, (items, phase, size) in data.items():
+                runs.setdefault(f"{name}, {attention}", []).append(
+                    time_steps(model, encoder, items, phase, size, args.steps)
+                )
+    results = {name: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} for name, rs in runs.items()}
+    print(f"{'configuration':38s} " + " ".join(f"{p:>9s}" for p in (*PARTS, "step")) + "  real tok/s")
     for name, r in results.items():
-        print(f"{name:32s} " + " ".join(f"{r[p]:9.3f}" for p in (*PARTS, "step")) + f"  {r['real_tokens_per_s']:10.0f}")
+        print(f"{name:38s} " + " ".join(f"{r[p]:9.3f}" for p in (*PARTS, "step")) + f"  {r['real_tokens_per_s']:10.0f}")
     with open(args.out, "w") as f:
-        json.dump({"dtype": str(native_dtype()), "steps": args.steps, "results": results}, f, indent=2)
+        json.dump(
+            {"dtype": str(native_dtype()), "steps": args.steps, "rounds": args.rounds, "results": results}, f, indent=2
+        )
     print(f"seconds per step; written to {args.out}")
 
 

@@ -262,6 +262,47 @@ def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_
     assert sum(item.label for item in extra) == len(extra) // 2
 
 
+def test_answer_start_rows_hold_the_query_and_the_first_r1_tokens_of_the_base_answer(
+    tiny_llama, tmp_path, monkeypatch
+):
+    import json
+    from dataclasses import replace
+
+    from ess.config import TrainConfig
+    from ess.data.distill import _cache_file, base_answers
+    from ess.data.encoding import ChatEncoder
+    from ess.data.recipe import load_sources
+    from ess.generation import Policy
+    from ess.masks import Phase, Role
+    from ess.model import ESSModel
+    from ess.training import _phase_items
+
+    model = ESSModel.from_base(tiny_llama)
+    encoder = ChatEncoder.for_model(model, 160)
+    examples = [replace(e, response=e.response or "Here is how.") for e in load_sources(DATA[1:])]
+    # The random tiny model's own answers are empty: its cached answers are written here instead.
+    monkeypatch.setenv("ESS_HOME", str(tmp_path))
+    cache = _cache_file(tiny_llama, 48, None)
+    cache.parent.mkdir(parents=True)
+    answer = "Step one is to gather everything you need, then start slowly and check each part twice."
+    cache.write_text("".join(json.dumps({"prompt": e.prompt, "answer": answer}) + "\n" for e in examples))
+    plain = TrainConfig(out=str(tmp_path), data=DATA[1:])
+    with_starts = TrainConfig(out=str(tmp_path), data=DATA[1:], answer_start_rows=0.25)
+    base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples, examples)
+    items, _ = _phase_items(Phase.ALIGN, with_starts, model, encoder, examples, examples)
+    extra = items[len(base_items) :]
+    assert abs(len(extra) - len(base_items) / 4) <= 1 and {item.label for item in extra} == {0, 1}
+    answers = base_answers(tiny_llama, [e.prompt for e in examples])
+    queries = {tuple(encoder.encode_query(e.query).ids): e for e in examples}
+    for item in extra:
+        # [CLS] reads every token of the row (all QUERY), and no token is an LM target.
+        assert item.roles[0] == Role.CLS and set(item.roles[1:]) == {Role.QUERY} and not any(item.lm_target)
+        query = next(q for q in queries if tuple(item.ids[: len(q)]) == q)
+        example = queries[query]
+        start = encoder.response_ids(example.query, answers[example.prompt])[0][: Policy.r1]
+        assert item.ids[len(query) :] == start and item.label == ["benign", "malicious"].index(example.label)
+
+
 def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path, run_ess):
     code, stderr = run_ess(_train_args(tiny_llama, tmp_path / "run", "--augment", "typos"))
     assert code == 2 and "augment: unknown augment kind 'typos'" in stderr

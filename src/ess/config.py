@@ -188,6 +188,13 @@ class TrainConfig:
         default_factory=list,
     )
     augment_rate: float = option("variant rows per alignment row of each class, the kinds taking turns", 0.5, min=0)
+    answer_start_rows: float = option(
+        "rows of [CLS] + query + the first 10 tokens (the default r1) of the base model's own answer, per "
+        "alignment row, with the [CLS] loss alone: the span that rule 1 and a deferred query's verdict "
+        "(--defer-below) read at generation time, which [CLS] otherwise never sees in training",
+        0.0,
+        min=0,
+    )
 
     def __post_init__(self):
         check(self)

@@ -37,10 +37,11 @@ from .config import TrainConfig
 from .data.augment import augment_examples
 from .data.encoding import ChatEncoder, Encoded
 from .data.loaders import load_examples
-from .data.recipe import alignment_examples, load_sources, pretraining_texts
+from .data.recipe import alignment_examples, answer_starts, load_sources, pretraining_texts
 from .data.recovery import baseline_items
 from .data.schema import LABELS
 from .fields import check
+from .generation import Policy
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
 from .precision import PrecisionError, accelerate_mode, check_master_weights, resolve, weight_dtype
@@ -180,6 +181,9 @@ def _phase_items(
     variants = augment_examples(mixture, config.augment, config.augment_rate, config.seed)
     items = [encoder.encode_example(example) for example in mixture]
     items += [encoder.encode_query(v.query, LABELS.index(v.label)) for v in variants]
+    for example in answer_starts(mixture, base, config.answer_start_rows, config.seed):
+        start = encoder.response_ids(example.query, example.response)[0][:ANSWER_START_TOKENS]
+        items.append(encoder.encode_answer_start(example.query, start, LABELS.index(example.label)))
     return items, replay_items
 
 
@@ -197,6 +201,9 @@ def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
     load_examples(calibration.prompts, label="benign")
     return calibration
 
+
+ANSWER_START_TOKENS = Policy.r1
+"""Answer tokens of an answer-start row: what a rule-1 re-evaluation reads with the default policy."""
 
 GROUP_STEPS = 50
 """Steps whose sequences `group_by_length` sorts together (as transformers' length-grouped sampler)."""

@@ -146,6 +146,14 @@ class ChatEncoder:
         roles = [int(Role.CLS)] + [int(Role.QUERY)] * len(query)
         return self._finish(ids, roles, label, [False] * len(ids))
 
+    def encode_answer_start(self, messages: list[dict[str, str]], start: list[int], label: int) -> Encoded:
+        """[CLS] + query + the first tokens of an answer, all read by [CLS]: the span a rule-1
+        re-evaluation reads (docs/METHOD.md §4). No LM targets: the row carries the [CLS] loss alone."""
+        head = self.encode_query(messages, label)
+        return self._finish(
+            head.ids + start, head.roles + [int(Role.QUERY)] * len(start), label, [False] * (len(head.ids) + len(start))
+        )
+
     def encode_example(self, example: Example) -> Encoded:
         """[CLS] + query + response (alignment phase). LM targets are the response tokens, except a
         forced prefix (`meta["forced_prefix"]`, e.g. the guiding text that strategic decoding

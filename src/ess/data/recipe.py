@@ -77,6 +77,16 @@ def pretraining_texts(
     return texts
 
 
+def answer_starts(examples: list[Example], base: str, rate: float, seed: int = 0) -> list[Example]:
+    """A seeded sample of `rate` x len(examples) examples (both classes alike), each with the base
+    model's own answer to its prompt as response: the answer a deferred query starts with before
+    its rule-1 verdict (`ChatEncoder.encode_answer_start` keeps the first tokens of it)."""
+    rng = random.Random(seed + 104729)
+    chosen = rng.sample(examples, min(len(examples), round(rate * len(examples))))
+    answers = base_answers(base, sorted({e.prompt for e in chosen}), desc="base answers (answer starts)")
+    return [replace(e, response=answers[e.prompt]) for e in chosen if answers[e.prompt].strip()]
+
+
 def _windows(text: str, tokenizer, rng: random.Random, count: int) -> list[str]:
     """The text's start and random spans, 8-24 tokens each: the spans [CLS] reads at generation
     time (the first r1 tokens, the latest r2 tokens, a window around a transition)."""
