@@ -262,9 +262,7 @@ def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_
     assert sum(item.label for item in extra) == len(extra) // 2
 
 
-def test_answer_start_rows_hold_the_query_and_the_first_r1_tokens_of_the_base_answer(
-    tiny_llama, tmp_path, monkeypatch
-):
+def test_answer_start_rows_hold_the_query_and_the_first_r1_tokens_of_the_base_answer(tiny_llama, tmp_path, monkeypatch):
     import json
     from dataclasses import replace
 
