@@ -176,8 +176,8 @@ class TrainConfig:
         below=1,
     )
     examples: int | None = option(
-        "size of the 50/50 benign/malicious alignment mixture (default: twice the smaller class, so that no "
-        "example repeats and a sample of the larger class is used; a larger size repeats the smaller class)",
+        "size of the 50/50 benign/malicious alignment mixture (default: twice the larger class, so that every "
+        "example is used and the smaller class is repeated)",
         None,
         min=2,
     )

@@ -34,13 +34,12 @@ def _split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
 def alignment_examples(
     examples: list[Example], base: str, size: int | None = None, seed: int = 0, refusal_resamples: int = 0
 ) -> list[Example]:
-    """A shuffled 50/50 mixture with responses; `size` defaults to twice the smaller class, so
-    that no example repeats.
+    """A shuffled 50/50 mixture with responses; `size` defaults to twice the larger class.
 
     Benign prompts without a response get the base model's (see `helpful_answers`)."""
     rng = random.Random(seed)
     benign, malicious = _split(examples)
-    per_class = (size or 2 * min(len(benign), len(malicious))) // 2
+    per_class = (size or 2 * max(len(benign), len(malicious))) // 2
     benign = _sample(benign, per_class, rng)
     malicious = _sample(malicious, per_class, rng)
     needs_answer = [e.prompt for e in benign if not e.response]
