@@ -75,6 +75,37 @@ def test_calibrated_threshold_stops_at_most_the_allowed_answers_in_real_generati
     assert sum(g.intervened for g in _answers(tiny_ess, policy)) == 2
 
 
+def test_rounds_that_generate_only_changed_answers_calibrate_as_full_rounds(tiny_ess, tmp_path, monkeypatch):
+    import ess.calibration as calibration
+
+    import dataclasses
+
+    prompts = tmp_path / "benign.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    # A floor amid the answers' highest verdicts: the answers below it need no second generation.
+    requests = [Request([{"role": "user", "content": p}], sampling=Sampling(max_new_tokens=16)) for p in PROMPTS]
+    low = dataclasses.replace(Policy(tau=1), reliance="low", response_threshold=0.01)
+    peaks = sorted(r.peak for r in calibration._read(tiny_ess, requests, low, 4))
+    floor = (peaks[2] + peaks[3]) / 2
+    config = CalibrationConfig(prompts=str(prompts), max_late_stop_rate=0.25, floor=floor, max_new_tokens=16)
+    generated = []
+    real_generate = calibration.generate
+
+    def counting(model, requests, **kwargs):
+        generated.append(len(requests))
+        return real_generate(model, requests, **kwargs)
+
+    monkeypatch.setattr(calibration, "generate", counting)
+    fast = calibrate_response_threshold(tiny_ess, config, Policy(tau=1))
+    fast_rounds = list(generated)
+    generated.clear()
+    monkeypatch.setattr(calibration._Reading, "holds_above", property(lambda self: False))
+    full = calibrate_response_threshold(tiny_ess, config, Policy(tau=1))
+    assert fast == full
+    assert len(fast_rounds) == len(generated) > 1 and set(generated) == {len(PROMPTS)}
+    assert sum(fast_rounds) < sum(generated)  # later rounds skip the answers no verdict touched
+
+
 def test_ess_calibrate_writes_the_threshold_into_the_checkpoint(tiny_ess, tmp_path):
     tiny_ess.save_pretrained(tmp_path / "model")
     prompts = tmp_path / "benign.txt"

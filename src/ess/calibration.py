@@ -10,7 +10,8 @@ answers benign prompts that training never saw and raises the threshold above `f
 Each round generates the answers at a candidate threshold with the decoding signal off (reliance
 `low`): up to the point where strategic decoding would step in, that is exactly the guarded
 generation (rule 3's windows included), so the answers it would stop are counted exactly. A round
-that stops too many proposes the next candidate from its own verdicts.
+that stops too many proposes the next candidate from its own verdicts; the next round generates
+again only the answers with a verdict at or above the last candidate (the others cannot change).
 """
 
 from __future__ import annotations
@@ -81,6 +82,24 @@ def late_stop_score(response_verdicts: list[float], tau: int) -> float:
     return max(runs, default=0.0)
 
 
+@dataclass
+class _Reading:
+    """One calibration answer as generated at `threshold`."""
+
+    benign_query: bool
+    score: float
+    """`late_stop_score` of its answer-text verdicts."""
+    peak: float
+    """Its highest answer-text verdict."""
+    threshold: float
+
+    @property
+    def holds_above(self) -> bool:
+        """Whether the answer is generated alike at every higher threshold: no verdict reached this
+        one, so no rule-3 window opened and nothing a higher threshold changes happened."""
+        return self.peak < self.threshold
+
+
 def calibrate_response_threshold(model, config: CalibrationConfig, policy: Policy | None = None) -> CalibrationResult:
     """Set `model.config.response_threshold` from the model's answers to `config.prompts` under
     `policy`'s schedule, tau and windows (default: the default policy)."""
@@ -91,10 +110,14 @@ def calibrate_response_threshold(model, config: CalibrationConfig, policy: Polic
         Request(e.query, sampling=Sampling(max_new_tokens=config.max_new_tokens))
         for e in load_examples(config.prompts, label="benign")
     ]
+    readings: list[_Reading | None] = [None] * len(requests)
     threshold, stopped_at_floor = config.floor, None
     for round_ in range(MAX_ROUNDS):
         reading = dataclasses.replace(policy, reliance="low", response_threshold=threshold)
-        scores = _late_stop_scores(model, requests, reading, config.batch_size)
+        stale = [i for i, r in enumerate(readings) if r is None or not r.holds_above]
+        for i, fresh in zip(stale, _read(model, [requests[i] for i in stale], reading, config.batch_size)):
+            readings[i] = fresh
+        scores = [r.score for r in readings if r.benign_query]
         stopped = sum(s >= threshold for s in scores)
         stopped_at_floor = stopped if stopped_at_floor is None else stopped_at_floor
         proposed = calibrated_threshold(scores, config.max_late_stop_rate, floor=threshold)
@@ -112,15 +135,21 @@ def calibrate_response_threshold(model, config: CalibrationConfig, policy: Polic
     )
 
 
-def _late_stop_scores(model, requests: list[Request], reading: Policy, batch_size: int) -> list[float]:
-    """`late_stop_score` of each answer whose query verdict is benign, generated under `reading`."""
+def _read(model, requests: list[Request], reading: Policy, batch_size: int) -> list[_Reading]:
+    """Each request's answer generated under `reading`, read as a `_Reading`."""
     requests = [dataclasses.replace(r, policy=reading) for r in requests]
-    generations = generate(model, requests, batch_size=batch_size, progress=True)
-    return [
-        late_stop_score([t.p_malicious for t in g.trace if t.rule in (2, 3)], reading.tau)
-        for g in generations
-        if g.p_malicious < threshold_of(reading, model.config.threshold)
-    ]
+    readings = []
+    for g in generate(model, requests, batch_size=batch_size, progress=True):
+        verdicts = [t.p_malicious for t in g.trace if t.rule in (2, 3)]
+        readings.append(
+            _Reading(
+                benign_query=g.p_malicious < threshold_of(reading, model.config.threshold),
+                score=late_stop_score(verdicts, reading.tau),
+                peak=max(verdicts, default=0.0),
+                threshold=reading.response_threshold,
+            )
+        )
+    return readings
 
 
 def describe(result: CalibrationResult, config: CalibrationConfig) -> str:
