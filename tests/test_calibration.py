@@ -76,9 +76,9 @@ def test_calibrated_threshold_stops_at_most_the_allowed_answers_in_real_generati
 
 
 def test_rounds_that_generate_only_changed_answers_calibrate_as_full_rounds(tiny_ess, tmp_path, monkeypatch):
-    import ess.calibration as calibration
-
     import dataclasses
+
+    import ess.calibration as calibration
 
     prompts = tmp_path / "benign.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
