@@ -157,6 +157,10 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
     accelerator.wait_for_everyone()
 
 
+ANSWER_START_TOKENS = Policy.r1
+"""Answer tokens of an answer-start row: what a rule-1 re-evaluation reads with the default policy."""
+
+
 def _phase_items(
     phase: str, config: TrainConfig, model: ESSModel, encoder: ChatEncoder, examples: list, pretrain_examples: list
 ) -> tuple[list[Encoded], list[Encoded]]:
@@ -201,9 +205,6 @@ def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
     load_examples(calibration.prompts, label="benign")
     return calibration
 
-
-ANSWER_START_TOKENS = Policy.r1
-"""Answer tokens of an answer-start row: what a rule-1 re-evaluation reads with the default policy."""
 
 GROUP_STEPS = 50
 """Steps whose sequences `group_by_length` sorts together (as transformers' length-grouped sampler)."""
