@@ -97,12 +97,6 @@ def train(config: TrainConfig, base: str) -> Path:
         raise TrainingError(str(error)) from None
     model.to(accelerator.device).train()
     encoder = ChatEncoder.for_model(model, config.max_length)
-    inference_attention = model.base_lm.config._attn_implementation
-    if accelerator.device.type == "cpu":
-        # On CPUs the sdpa kernel's backward takes a fifth of a step on these short masked sequences;
-        # eager attention computes the same function faster (docs/experiments.md). Inference keeps
-        # the base's own implementation.
-        model.base_lm.set_attn_implementation("eager")
 
     for phase in phases:
         if phase in state["phases_done"]:
@@ -117,7 +111,6 @@ def train(config: TrainConfig, base: str) -> Path:
         )
         state = {"phase": None, "step": 0, "phases_done": state["phases_done"] + [phase]}
 
-    model.base_lm.set_attn_implementation(inference_attention)
     if response_calibration:
         model.eval()
         model.merge_lora()
