@@ -119,9 +119,9 @@ class TrainConfig:
     group_by_length: str = option(
         "phases whose batches hold sequences of similar length (less padding): the sequences of every 50 steps "
         "are sorted by length, cut into batches, and the batches shuffled. pretrain: the pretraining windows "
-        "(cut at random lengths, so sorted batches keep both classes; its phase trains in 28 % less time); both: "
-        "the alignment phase too, where refusals are shorter than answers and sorted batches hold mostly one "
-        "class; none (the default: sorted windows over-flagged styled benign dev prompts, docs/experiments.md)",
+        "(cut at random lengths, so sorted batches keep both classes); both: the alignment phase too, where "
+        "refusals are shorter than answers and sorted batches hold mostly one class; none (the default: a model "
+        "trained on sorted windows flagged more styled benign dev prompts, docs/experiments.md)",
         "none",
         choices=("none", "pretrain", "both"),
     )
