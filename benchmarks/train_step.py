@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ess.config import TrainConfig
 from ess.data.encoding import ChatEncoder
 from ess.data.recipe import alignment_examples, load_sources, pretraining_texts
 from ess.hub import DEFAULT_MODEL, resolve_base
@@ -57,20 +58,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = ESSModel.from_base(resolve_base(DEFAULT_MODEL), adapter="lora", dtype=native_dtype()).train()
-    encoder = ChatEncoder.for_model(model, 320)
-    examples = load_sources(["seed"])
+    recipe = TrainConfig(out="-")  # the default recipe's batch sizes, windows and length
+    encoder = ChatEncoder.for_model(model, recipe.max_length)
+    examples = load_sources(recipe.data)
     base = model.config.base_model
-    n = 16 * (args.steps + 1)
-    windows = pretraining_texts(examples, base, model.tokenizer, 2)[:n]
+    windows = pretraining_texts(examples, base, model.tokenizer, recipe.windows_per_answer)
+    windows = windows[: recipe.pretrain_batch_size * (args.steps + 1)]
     window_items = [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows]
     by_length = sorted(window_items, key=lambda item: len(item.ids))
-    mixture = [
-        encoder.encode_example(e) for e in alignment_examples(examples, base, None, 0, 0)[: 4 * (args.steps + 1)]
-    ]
+    mixture = alignment_examples(examples, base, recipe.examples, recipe.seed, recipe.refusal_resamples)
+    sequences = [encoder.encode_example(e) for e in mixture[: recipe.batch_size * (args.steps + 1)]]
+    windows_per_step, sequences_per_step = recipe.pretrain_batch_size, recipe.batch_size
     data = {
-        "pretrain, 16 random windows": (window_items, Phase.PRETRAIN, 16),
-        "pretrain, 16 windows by length": (by_length, Phase.PRETRAIN, 16),
-        "align, 4 random sequences": (mixture, Phase.ALIGN, 4),
+        f"pretrain, {windows_per_step} random windows": (window_items, Phase.PRETRAIN, windows_per_step),
+        f"pretrain, {windows_per_step} windows by length": (by_length, Phase.PRETRAIN, windows_per_step),
+        f"align, {sequences_per_step} random sequences": (sequences, Phase.ALIGN, sequences_per_step),
     }
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):

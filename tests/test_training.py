@@ -207,6 +207,18 @@ def test_pretraining_corpus_cuts_the_asked_windows_from_each_answer(default_mode
     assert all(len(tokenizer(text, add_special_tokens=False).input_ids) <= 26 for text, _ in two)
 
 
+def _write_answers(base: str, seed: int | None, answers: dict[str, str]):
+    """Cached base-model answers to prompts, as `ess.data.distill.base_answers` would have written them."""
+    import json
+
+    from ess.data.distill import _cache_file
+
+    path = _cache_file(base, 48, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in answers.items()))
+    return path
+
+
 def test_benign_targets_that_decline_are_resampled_or_left_out(tiny_llama, tmp_path, monkeypatch):
     import json
 
@@ -218,10 +230,7 @@ def test_benign_targets_that_decline_are_resampled_or_left_out(tiny_llama, tmp_p
     refused = "I'm sorry for your loss, but I cannot help with that."
 
     def cache(seed, rows):
-        path = _cache_file(tiny_llama, 48, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows.items()))
-        return path
+        return _write_answers(tiny_llama, seed, rows)
 
     cache(None, {prompts[0]: refused, prompts[1]: refused, prompts[2]: "The Nile, the Rhine and the Po."})
     for seed in range(2):  # the second prompt's sampled answers decline too
@@ -263,13 +272,13 @@ def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_
 
 
 def test_answer_start_rows_hold_the_query_and_the_first_r1_tokens_of_the_base_answer(tiny_llama, tmp_path, monkeypatch):
-    import json
     from dataclasses import replace
 
     from ess.config import TrainConfig
-    from ess.data.distill import _cache_file, base_answers
+    from ess.data.distill import base_answers
     from ess.data.encoding import ChatEncoder
     from ess.data.recipe import load_sources
+    from ess.data.schema import LABELS
     from ess.generation import Policy
     from ess.masks import Phase, Role
     from ess.model import ESSModel
@@ -280,10 +289,8 @@ def test_answer_start_rows_hold_the_query_and_the_first_r1_tokens_of_the_base_an
     examples = [replace(e, response=e.response or "Here is how.") for e in load_sources(DATA[1:])]
     # The random tiny model's own answers are empty: its cached answers are written here instead.
     monkeypatch.setenv("ESS_HOME", str(tmp_path))
-    cache = _cache_file(tiny_llama, 48, None)
-    cache.parent.mkdir(parents=True)
     answer = "Step one is to gather everything you need, then start slowly and check each part twice."
-    cache.write_text("".join(json.dumps({"prompt": e.prompt, "answer": answer}) + "\n" for e in examples))
+    _write_answers(tiny_llama, None, {e.prompt: answer for e in examples})
     plain = TrainConfig(out=str(tmp_path), data=DATA[1:])
     with_starts = TrainConfig(out=str(tmp_path), data=DATA[1:], answer_start_rows=0.25)
     base_items, _ = _phase_items(Phase.ALIGN, plain, model, encoder, examples, examples)
@@ -298,7 +305,7 @@ def test_answer_start_rows_hold_the_query_and_the_first_r1_tokens_of_the_base_an
         query = next(q for q in queries if tuple(item.ids[: len(q)]) == q)
         example = queries[query]
         start = encoder.response_ids(example.query, answers[example.prompt])[0][: Policy.r1]
-        assert item.ids[len(query) :] == start and item.label == ["benign", "malicious"].index(example.label)
+        assert item.ids[len(query) :] == start and item.label == LABELS.index(example.label)
 
 
 def test_unknown_augment_kind_is_refused(tiny_llama, tmp_path, run_ess):

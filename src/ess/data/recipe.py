@@ -82,6 +82,8 @@ def answer_starts(examples: list[Example], base: str, rate: float, seed: int = 0
     its rule-1 verdict (`ChatEncoder.encode_answer_start` keeps the first tokens of it)."""
     rng = random.Random(seed + 104729)
     chosen = rng.sample(examples, min(len(examples), round(rate * len(examples))))
+    if not chosen:
+        return []
     answers = base_answers(base, sorted({e.prompt for e in chosen}), desc="base answers (answer starts)")
     return [replace(e, response=answers[e.prompt]) for e in chosen if answers[e.prompt].strip()]
 
