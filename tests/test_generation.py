@@ -112,6 +112,50 @@ def test_sampled_outputs_do_not_depend_on_batch_size_or_composition(tiny_llama):
     assert alone == together[:3]
 
 
+def test_a_prompt_under_several_settings_is_prefilled_once_and_generates_as_the_reference(tiny_llama):
+    from dataclasses import replace
+
+    model = _model(tiny_llama)
+    base = _requests(12)
+    _set_threshold_between_verdicts(model, base)
+    variants = [  # one prompt under the settings of an attack suite: prefills, sampling, schedules
+        replace(base[0], prefill="Sure", sampling=Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1)),
+        replace(base[0], sampling=Sampling(max_new_tokens=12, temperature=0.7, seed=2)),
+        replace(base[0], policy=replace(base[0].policy, schedule="annealing")),
+    ]
+    requests = base + variants
+    rows_prefilled = []
+
+    def count_prefill_rows(module, args, kwargs, output):
+        if kwargs["inputs_embeds"].shape[1] > 2:  # a decode step feeds one or two rows per sequence
+            rows_prefilled.append(kwargs["inputs_embeds"].shape[0])
+
+    hook = model.decoder.register_forward_hook(count_prefill_rows, with_kwargs=True)
+    fast = generate(model, requests, batch_size=len(requests))
+    hook.remove()
+    assert rows_prefilled == [len(base)]  # the variants share the prefill of base[0]
+    _assert_same(fast, generate(model, requests, reference=True))
+
+
+def test_next_token_logprobs_after_a_prefill_equal_the_reference(tiny_llama):
+    from ess.data.encoding import ChatEncoder
+    from ess.generation import next_token_logprobs
+    from ess.generation.engines import ReferenceEngine
+
+    model = _model(tiny_llama)
+    requests = _requests(1)
+    encoder = ChatEncoder.for_model(model)
+    expected = []
+    for r in requests:
+        engine = ReferenceEngine(model, [encoder.query_ids(r.messages)], [r.policy.schedule == "none"])
+        logits, _ = engine.start()
+        for token in encoder.tokenize(r.prefill) if r.prefill else []:
+            logits, _ = engine.step([token], [None])
+        expected.append(logits[0].log_softmax(-1))
+    assert any(r.prefill for r in requests) and any(not r.prefill for r in requests)
+    torch.testing.assert_close(next_token_logprobs(model, requests), torch.stack(expected), atol=1e-4, rtol=0)
+
+
 def test_reevaluation_is_read_by_later_tokens(tiny_llama):
     """Implicit leverage: the token fed with a re-evaluation, and every later one, reads the new [CLS]."""
     from ess.generation.engines import CachedEngine

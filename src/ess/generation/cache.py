@@ -60,3 +60,8 @@ class SlotCache(Cache):
     def target(self, slots: torch.Tensor, write: torch.Tensor | None = None) -> None:
         """Where the next forward writes: `slots` [q] for its q query rows, `write` [b, q] which may."""
         self.slots, self.write = slots, write
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` names, in its order (a row may be named more than once)."""
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)

@@ -66,8 +66,9 @@ class CachedEngine:
         self.lengths = [0] * b  # response tokens each row holds
         self.history: list[list[tuple[int, tuple]]] | None = [[] for _ in range(b)] if versions else None
 
-    def _forward(self, ids, roles, slots, positions, cls_reads=None, write=None) -> torch.Tensor:
-        allowed = attention_allowed(roles, self.roles, Phase.ALIGN, slots, self.key_slots, cls_reads)
+    def _forward(self, ids, roles, slots, positions, cls_reads=None, write=None, key_roles=None) -> torch.Tensor:
+        key_roles = self.roles if key_roles is None else key_roles
+        allowed = attention_allowed(roles, key_roles, Phase.ALIGN, slots, self.key_slots, cls_reads)
         embeds = self.model.embed(ids, roles)
         self.cache.target(slots, write)
         return self.model.decoder(
@@ -79,11 +80,27 @@ class CachedEngine:
         ).last_hidden_state
 
     def start(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill [CLS] + queries: next-token logits [b, V] and the first verdict p [b]."""
+        """Prefill [CLS] + queries: next-token logits [b, V] and the first verdict p [b].
+
+        Identical rows (one prompt under several attacks or sampling settings) are prefilled once
+        and copied: each row's keys and values are computed alone, so the copies equal a prefill
+        of every row."""
         width = self.query_len
-        slots = self.key_slots[:width]
-        roles = self.roles[:, :width]
-        hidden = self._forward(self.ids[:, :width], roles, slots, position_ids(roles))
+        rows = [tuple(row) for row in torch.cat([self.ids[:, :width], self.roles[:, :width]], dim=1).tolist()]
+        unique = list(dict.fromkeys(rows))  # in the order of first appearance
+        distinct = torch.tensor([rows.index(row) for row in unique], device=self.model.device)
+        copy_of = torch.tensor([unique.index(row) for row in rows], device=self.model.device)
+        roles = self.roles[distinct, :width]
+        hidden = self._forward(
+            self.ids[distinct, :width],
+            roles,
+            self.key_slots[:width],
+            position_ids(roles),
+            key_roles=self.roles[distinct],
+        )
+        if len(distinct) < len(rows):
+            self.cache.select_rows(copy_of)
+            hidden = hidden[copy_of]
         self._keep_versions(range(len(self.lengths)))
         return self.model.lm_logits(hidden[:, -1]).float(), self.model.verdict_logits(hidden[:, 0]).softmax(-1)[:, 1]
 

@@ -270,20 +270,23 @@ def load_model(reference: str) -> ESSModel:
 
 @torch.no_grad()
 def next_token_logprobs(model: ESSModel, requests: list[Request]) -> torch.Tensor:
-    """Log-probabilities [n, V] of the first token the model would choose after messages + prefill.
+    """Log-probabilities [n, V] of the first token the model would choose after messages + prefill,
+    the requests in one batch.
 
     The prefill is fed as response text reading the first verdict's [CLS] (no re-evaluation and
     no intervention: this measures the model's own next-token distribution, for the probe).
     """
     encoder = ChatEncoder.for_model(model)
-    rows = []
-    for request in requests:
-        prefill = encoder.tokenize(request.prefill) if request.prefill else []
-        engine = CachedEngine(
-            model, [encoder.query_ids(request.messages)], [request.policy.schedule == "none"], len(prefill)
-        )
-        logits, _ = engine.start()
-        for token in prefill:
-            logits, _ = engine.step([token], [None])
-        rows.append(logits[0].log_softmax(-1))
-    return torch.stack(rows)
+    prefills = [encoder.tokenize(r.prefill) if r.prefill else [] for r in requests]
+    engine = CachedEngine(
+        model,
+        [encoder.query_ids(r.messages) for r in requests],
+        [r.policy.schedule == "none" for r in requests],
+        max(map(len, prefills)),
+    )
+    logits, _ = engine.start()
+    rows = list(logits)
+    for step in range(max(map(len, prefills))):
+        logits, _ = engine.step([p[step] if step < len(p) else None for p in prefills], [None] * len(requests))
+        rows = [logits[i] if len(p) == step + 1 else row for i, (p, row) in enumerate(zip(prefills, rows))]
+    return torch.stack(rows).log_softmax(-1)
