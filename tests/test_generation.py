@@ -112,8 +112,10 @@ def test_sampled_outputs_do_not_depend_on_batch_size_or_composition(tiny_llama):
     assert alone == together[:3]
 
 
-def test_a_prompt_under_several_settings_is_prefilled_once_and_generates_as_the_reference(tiny_llama):
+def test_a_prompt_under_several_settings_is_prefilled_once_and_generates_as_the_reference(tiny_llama, monkeypatch):
     from dataclasses import replace
+
+    from ess.generation.engines import CachedEngine
 
     model = _model(tiny_llama)
     base = _requests(12)
@@ -135,6 +137,11 @@ def test_a_prompt_under_several_settings_is_prefilled_once_and_generates_as_the_
     hook.remove()
     assert rows_prefilled == [len(base)]  # the variants share the prefill of base[0]
     _assert_same(fast, generate(model, requests, reference=True))
+    monkeypatch.setattr(CachedEngine, "share_prefill", False)
+    every_row = generate(model, requests, batch_size=len(requests))
+    assert [(g.token_ids, [t.p_malicious for t in g.trace]) for g in fast] == [
+        (g.token_ids, [t.p_malicious for t in g.trace]) for g in every_row
+    ]  # bit for bit
 
 
 def test_next_token_logprobs_after_a_prefill_equal_the_reference(tiny_llama):

@@ -32,6 +32,9 @@ def auxiliary_ids(tokenizer) -> set[int]:
 
 
 class CachedEngine:
+    share_prefill = True
+    """Prefill identical rows once (False: every row, for benchmarks/shared_prefill.py)."""
+
     def __init__(
         self,
         model: ESSModel,
@@ -83,13 +86,10 @@ class CachedEngine:
         """Prefill [CLS] + queries: next-token logits [b, V] and the first verdict p [b].
 
         Identical rows (one prompt under several attacks or sampling settings) are prefilled once
-        and copied: each row's keys and values are computed alone, so the copies equal a prefill
-        of every row."""
+        and copied: a row's keys and values do not depend on the other rows of the batch, so the
+        copies equal a prefill of every row (tests/test_generation.py checks bit for bit)."""
         width = self.query_len
-        rows = [tuple(row) for row in torch.cat([self.ids[:, :width], self.roles[:, :width]], dim=1).tolist()]
-        unique = list(dict.fromkeys(rows))  # in the order of first appearance
-        distinct = torch.tensor([rows.index(row) for row in unique], device=self.model.device)
-        copy_of = torch.tensor([unique.index(row) for row in rows], device=self.model.device)
+        distinct, copy_of = self._distinct_rows()
         roles = self.roles[distinct, :width]
         hidden = self._forward(
             self.ids[distinct, :width],
@@ -98,11 +98,21 @@ class CachedEngine:
             position_ids(roles),
             key_roles=self.roles[distinct],
         )
-        if len(distinct) < len(rows):
+        if len(distinct) < len(copy_of):
             self.cache.select_rows(copy_of)
             hidden = hidden[copy_of]
         self._keep_versions(range(len(self.lengths)))
         return self.model.lm_logits(hidden[:, -1]).float(), self.model.verdict_logits(hidden[:, 0]).softmax(-1)[:, 1]
+
+    def _distinct_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the first row of each distinct query, the distinct query of each row) of the prefill."""
+        width, device = self.query_len, self.model.device
+        rows = [tuple(row) for row in torch.cat([self.ids[:, :width], self.roles[:, :width]], dim=1).tolist()]
+        unique = list(dict.fromkeys(rows)) if self.share_prefill else rows
+        if len(unique) == len(rows):
+            return torch.arange(len(rows), device=device), torch.arange(len(rows), device=device)
+        distinct = torch.tensor([rows.index(row) for row in unique], device=device)
+        return distinct, torch.tensor([unique.index(row) for row in rows], device=device)
 
     def _span_slots(self, spans: list[Span | None]) -> torch.Tensor:
         reads = torch.zeros_like(self.roles, dtype=torch.bool)
