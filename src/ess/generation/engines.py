@@ -107,10 +107,11 @@ class CachedEngine:
     def _distinct_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the first row of each distinct query, the distinct query of each row) of the prefill."""
         width, device = self.query_len, self.model.device
+        if not self.share_prefill:
+            every = torch.arange(len(self.lengths), device=device)
+            return every, every
         rows = [tuple(row) for row in torch.cat([self.ids[:, :width], self.roles[:, :width]], dim=1).tolist()]
-        unique = list(dict.fromkeys(rows)) if self.share_prefill else rows
-        if len(unique) == len(rows):
-            return torch.arange(len(rows), device=device), torch.arange(len(rows), device=device)
+        unique = list(dict.fromkeys(rows))  # in the order of first appearance
         distinct = torch.tensor([rows.index(row) for row in unique], device=device)
         return distinct, torch.tensor([unique.index(row) for row in rows], device=device)
 

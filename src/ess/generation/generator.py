@@ -278,15 +278,16 @@ def next_token_logprobs(model: ESSModel, requests: list[Request]) -> torch.Tenso
     """
     encoder = ChatEncoder.for_model(model)
     prefills = [encoder.tokenize(r.prefill) if r.prefill else [] for r in requests]
+    longest = max(map(len, prefills))
     engine = CachedEngine(
         model,
         [encoder.query_ids(r.messages) for r in requests],
         [r.policy.schedule == "none" for r in requests],
-        max(map(len, prefills)),
+        longest,
     )
     logits, _ = engine.start()
     rows = list(logits)
-    for step in range(max(map(len, prefills))):
+    for step in range(longest):
         logits, _ = engine.step([p[step] if step < len(p) else None for p in prefills], [None] * len(requests))
         rows = [logits[i] if len(p) == step + 1 else row for i, (p, row) in enumerate(zip(prefills, rows))]
     return torch.stack(rows).log_softmax(-1)
