@@ -271,6 +271,42 @@ def test_augmented_variants_are_query_only_rows_of_both_classes(tiny_llama, tmp_
     assert sum(item.label for item in extra) == len(extra) // 2
 
 
+def test_augment_answers_add_windows_of_the_base_answers_to_variants(tiny_llama, tmp_path, monkeypatch):
+    from ess.config import TrainConfig
+    from ess.data.augment import augment_examples
+    from ess.data.encoding import ChatEncoder
+    from ess.data.recipe import load_sources
+    from ess.fields import FieldError
+    from ess.masks import Phase
+    from ess.model import ESSModel
+    from ess.training import _phase_items
+
+    model = ESSModel.from_base(tiny_llama)
+    encoder = ChatEncoder.for_model(model, 160)
+    examples = load_sources(DATA[1:])
+    variants = augment_examples(examples, ["tense"], 0.5, seed=0)
+    harmful = [v.prompt for v in variants if v.label == "malicious"]
+    refused = set(harmful[::2])  # the base declined these: their answers are no harmful text
+    monkeypatch.setenv("ESS_HOME", str(tmp_path))
+    answers = {e.prompt: "An ordinary answer in plain words, long enough to cut a few windows from." for e in examples}
+    answers |= {v.prompt: "I cannot help with that." if v.prompt in refused else "history " * 30 for v in variants}
+    _write_answers(tiny_llama, None, answers)
+
+    def windows(config: TrainConfig) -> list:
+        items, _ = _phase_items(Phase.PRETRAIN, config, model, encoder, examples, examples)
+        return items
+
+    plain = TrainConfig(out=str(tmp_path), data=DATA[1:], augment=["tense"])
+    items = windows(TrainConfig(out=str(tmp_path), data=DATA[1:], augment=["tense"], augment_answers=0.5))
+    answered = [v for v in variants if v.prompt not in refused]
+    assert len(items) == len(windows(plain)) + 2 * len(answered)  # two windows per answer (the default)
+    from_variants = [item for item in items if "history" in model.tokenizer.decode(item.ids)]
+    assert len(from_variants) == 2 * len(answered)
+    assert sorted(item.label for item in from_variants) == sorted(2 * [int(v.label == "malicious") for v in answered])
+    with pytest.raises(FieldError, match="augment_answers: needs the kinds"):
+        TrainConfig(out=str(tmp_path), data=DATA[1:], augment_answers=0.5)
+
+
 def test_answer_start_rows_hold_the_query_and_the_first_r1_tokens_of_the_base_answer(tiny_llama, tmp_path, monkeypatch):
     from dataclasses import replace
 

@@ -189,6 +189,13 @@ class TrainConfig:
         default_factory=list,
     )
     augment_rate: float = option("variant rows per alignment row of each class, the kinds taking turns", 0.5, min=0)
+    augment_answers: float = option(
+        "variants of the --augment kinds per pretraining-phase prompt whose base-model answers join the "
+        "pretraining-phase windows, labelled as their prompt, so that [CLS] also judges answers to wrapped "
+        "requests (a past-tense history of a harmful act, say); 0: none",
+        0.0,
+        min=0,
+    )
     answer_start_rows: float = option(
         "rows of [CLS] + query + the first 10 tokens (the default r1) of the base model's own answer, per "
         "alignment row, with the [CLS] loss alone: the span that rule 1 and a deferred query's verdict "
@@ -205,6 +212,8 @@ class TrainConfig:
             self.augment = resolve_kinds(self.augment)
         except ValueError as error:
             raise FieldError(f"augment: {error} (or all, none)") from None
+        if self.augment_answers and not self.augment:
+            raise FieldError("augment_answers: needs the kinds of variants to answer (--augment)")
 
     @property
     def peak_lr(self) -> float:

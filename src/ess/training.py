@@ -169,7 +169,10 @@ def _phase_items(
     replay = phase == Phase.ALIGN and config.replay_every > 0
     windows = []
     if phase == Phase.PRETRAIN or replay:
-        windows = pretraining_texts(pretrain_examples, base, model.tokenizer, config.windows_per_answer, config.seed)
+        variants = augment_examples(pretrain_examples, config.augment, config.augment_answers, config.seed)
+        windows = pretraining_texts(
+            pretrain_examples, base, model.tokenizer, config.windows_per_answer, config.seed, variants
+        )
     if phase == Phase.PRETRAIN:
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
     mixture = alignment_examples(examples, base, config.examples, config.seed, config.refusal_resamples)

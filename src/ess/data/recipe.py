@@ -58,14 +58,21 @@ def alignment_examples(
 
 
 def pretraining_texts(
-    examples: list[Example], base: str, tokenizer, windows_per_answer: int, seed: int = 0
+    examples: list[Example],
+    base: str,
+    tokenizer,
+    windows_per_answer: int,
+    seed: int = 0,
+    variants: list[Example] | None = None,
 ) -> list[tuple[str, str]]:
-    """(text, label) pairs: windows of the base model's answers and of explained refusals."""
+    """(text, label) pairs: windows of the base model's answers (to `examples`, then to their
+    attack-shaped `variants`, each labelled as its prompt) and of explained refusals."""
     rng = random.Random(seed)
     benign, malicious = _split(examples)
-    answers = base_answers(base, [e.prompt for e in benign + malicious], desc="base answers (response corpus)")
+    answered = benign + malicious + (variants or [])
+    answers = base_answers(base, [e.prompt for e in answered], desc="base answers (response corpus)")
     texts: list[tuple[str, str]] = []
-    for example in benign + malicious:
+    for example in answered:
         answer = answers[example.prompt]
         if example.label == "malicious" and opens_with_refusal(answer):
             continue  # the base refused: that text is not harmful
