@@ -146,10 +146,10 @@ def test_bad_input_is_one_clear_line(tiny_llama, tmp_path, run_ess, argv, messag
 
 def test_alignment_steps_interleave_replay_steps():
     from ess.config import TrainConfig
-    from ess.training import _Schedule
+    from ess.schedule import Schedule
 
     ten, seven = [5] * 10, [5] * 7
-    schedule = _Schedule(ten, seven, per_step=2, config=TrainConfig(out="x", replay_every=2), epochs=1.0, seed=0)
+    schedule = Schedule(ten, seven, per_step=2, config=TrainConfig(out="x", replay_every=2), epochs=1.0, seed=0)
     steps = [schedule.rows(step, 0, 2) for step in range(schedule.total)]
     assert [replay for replay, _ in steps] == [False, False, True, False, False, True, False]
     assert sorted(i for replay, rows in steps if not replay for i in rows) == list(range(10))  # one epoch
@@ -157,9 +157,9 @@ def test_alignment_steps_interleave_replay_steps():
     assert len(replayed) == len(set(replayed)) == 4 and all(0 <= i < 7 for i in replayed)
     # Two processes of batch 1 split each step's rows between them.
     assert all(schedule.rows(s, 0, 1)[1] + schedule.rows(s, 1, 1)[1] == steps[s][1] for s in range(schedule.total))
-    assert _Schedule(ten, seven, 2, TrainConfig(out="x", replay_every=0), 1.0, 0).total == 5
-    assert _Schedule(ten, [], 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5  # pretraining: no replay
-    capped = _Schedule(ten, seven, 2, TrainConfig(out="x", max_steps=6, replay_every=2), 1.0, 0)
+    assert Schedule(ten, seven, 2, TrainConfig(out="x", replay_every=0), 1.0, 0).total == 5
+    assert Schedule(ten, [], 2, TrainConfig(out="x", replay_every=2), 1.0, 0).total == 5  # pretraining: no replay
+    capped = Schedule(ten, seven, 2, TrainConfig(out="x", max_steps=6, replay_every=2), 1.0, 0)
     assert (capped.total, capped.main_steps) == (6, 4)
 
 
@@ -167,12 +167,12 @@ def test_length_grouping_pads_less_and_keeps_each_group_of_steps():
     import random
 
     from ess.config import TrainConfig
-    from ess.training import GROUP_STEPS, _Schedule
+    from ess.schedule import GROUP_STEPS, Schedule
 
     lengths = [random.Random(i).randint(10, 200) for i in range(1000)]
 
     def schedule(grouped: bool) -> list[list[int]]:
-        s = _Schedule(lengths, [], 4, TrainConfig(out="x"), 1.0, seed=3, grouped=grouped)
+        s = Schedule(lengths, [], 4, TrainConfig(out="x"), 1.0, seed=3, grouped=grouped)
         return [s.rows(step, 0, 4)[1] for step in range(s.total)]
 
     plain, grouped = schedule(False), schedule(True)
@@ -276,6 +276,7 @@ def test_augment_answers_add_windows_of_the_base_answers_to_variants(tiny_llama,
     from ess.data.augment import augment_examples
     from ess.data.encoding import ChatEncoder
     from ess.data.recipe import load_sources
+    from ess.data.schema import LABELS
     from ess.fields import FieldError
     from ess.masks import Phase
     from ess.model import ESSModel
@@ -302,7 +303,7 @@ def test_augment_answers_add_windows_of_the_base_answers_to_variants(tiny_llama,
     assert len(items) == len(windows(plain)) + 2 * len(answered)  # two windows per answer (the default)
     from_variants = [item for item in items if "history" in model.tokenizer.decode(item.ids)]
     assert len(from_variants) == 2 * len(answered)
-    assert sorted(item.label for item in from_variants) == sorted(2 * [int(v.label == "malicious") for v in answered])
+    assert sorted(item.label for item in from_variants) == sorted(2 * [LABELS.index(v.label) for v in answered])
     with pytest.raises(FieldError, match="augment_answers: needs the kinds"):
         TrainConfig(out=str(tmp_path), data=DATA[1:], augment_answers=0.5)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -45,6 +44,7 @@ from .generation import Policy
 from .masks import Phase, Role
 from .model import CONFIG_FILE, ESSModel
 from .precision import PrecisionError, accelerate_mode, check_master_weights, resolve, weight_dtype
+from .schedule import Schedule, lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +169,9 @@ def _phase_items(
     replay = phase == Phase.ALIGN and config.replay_every > 0
     windows = []
     if phase == Phase.PRETRAIN or replay:
-        variants = augment_examples(pretrain_examples, config.augment, config.augment_answers, config.seed)
+        answered = augment_examples(pretrain_examples, config.augment, config.augment_answers, config.seed)
         windows = pretraining_texts(
-            pretrain_examples, base, model.tokenizer, config.windows_per_answer, config.seed, variants
+            pretrain_examples, base, model.tokenizer, config.windows_per_answer, config.seed, answered
         )
     if phase == Phase.PRETRAIN:
         return [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows], []
@@ -202,86 +202,6 @@ def _response_calibration(config: TrainConfig) -> CalibrationConfig | None:
     return calibration
 
 
-GROUP_STEPS = 50
-"""Steps whose sequences `group_by_length` sorts together (as transformers' length-grouped sampler)."""
-
-
-def _data_order(n_items: int, n_needed: int, seed: int) -> list[int]:
-    """Item indices for every step of a phase: one seeded permutation per epoch, concatenated."""
-    order: list[int] = []
-    epoch = 0
-    while len(order) < n_needed:
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order += torch.randperm(n_items, generator=generator).tolist()
-        epoch += 1
-    return order
-
-
-def _grouped_by_length(order: list[int], lengths: list[int], per_step: int, seed: int) -> list[int]:
-    """`order` with the items of every `GROUP_STEPS` steps sorted by length into batches of
-    `per_step`, the batches of each group in a seeded random order: the same items per group, so
-    the data seen by each point of the run hardly changes, with little padding per batch."""
-    grouped: list[int] = []
-    size = GROUP_STEPS * per_step
-    for number, start in enumerate(range(0, len(order), size)):
-        group = sorted(order[start : start + size], key=lambda i: lengths[i])
-        batches = [group[i : i + per_step] for i in range(0, len(group), per_step)]
-        generator = torch.Generator().manual_seed(seed * 1000 + 500 + number)
-        grouped += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
-    return grouped
-
-
-def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
-    warmup = max(1, int(total * warmup_ratio))
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-class _Schedule:
-    """Which batch each step of a phase trains on: the phase's items, with (alignment phase) one
-    replay step after every `every` of them. A function of the step alone, so a resumed run
-    sees exactly the batches the stopped one would have."""
-
-    def __init__(
-        self,
-        lengths: list[int],
-        replay_lengths: list[int],
-        per_step: int,
-        config: TrainConfig,
-        epochs: float,
-        seed: int,
-        grouped: bool = False,
-    ):
-        n_items, n_replay = len(lengths), len(replay_lengths)
-        self.every = config.replay_every if n_replay else 0
-        if config.max_steps:
-            self.total = config.max_steps
-            replay_steps = self.total // (self.every + 1) if self.every else 0
-            self.main_steps = self.total - replay_steps
-        else:
-            self.main_steps = max(1, math.ceil(epochs * n_items / per_step))
-            replay_steps = self.main_steps // self.every if self.every else 0
-            self.total = self.main_steps + replay_steps
-        self.per_step = per_step
-        self.order = _data_order(n_items, self.main_steps * per_step, seed)
-        self.replay_order = _data_order(n_replay, replay_steps * per_step, seed + 7919) if replay_steps else []
-        if grouped:  # only what is trained: a group never crosses the end of the phase
-            self.order = _grouped_by_length(self.order[: self.main_steps * per_step], lengths, per_step, seed)
-            self.replay_order = _grouped_by_length(
-                self.replay_order[: replay_steps * per_step], replay_lengths, per_step, seed + 7919
-            )
-
-    def rows(self, step: int, rank: int, batch_size: int) -> tuple[bool, list[int]]:
-        """(is a replay step, item indices of this process's batch)."""
-        cycle = self.every + 1
-        replay = bool(self.every) and step % cycle == self.every
-        index = step // cycle if replay else step - (step // cycle if self.every else 0)
-        order = self.replay_order if replay else self.order
-        start = index * self.per_step + rank * batch_size
-        return replay, order[start : start + batch_size]
-
-
 def _run_phase(
     phase, items, replay_items, model, encoder, config, accelerator, out, start, optimizer_state, phases_done
 ) -> None:
@@ -289,7 +209,7 @@ def _run_phase(
     batch_size = config.pretrain_batch_size if phase == Phase.PRETRAIN else config.batch_size
     per_step = batch_size * world
     epochs = config.pretrain_epochs if phase == Phase.PRETRAIN else config.epochs
-    schedule = _Schedule(
+    schedule = Schedule(
         [len(i.ids) for i in items],
         [len(i.ids) for i in replay_items],
         per_step,
@@ -326,7 +246,7 @@ def _run_phase(
             replay, rows = schedule.rows(step, rank, batch_size)
             source, step_phase = (replay_items, Phase.PRETRAIN) if replay else (items, phase)
             batch = encoder.collate([source[i] for i in rows]).to(accelerator.device)
-            factor = _lr_factor(step, total, config.warmup_ratio)
+            factor = lr_factor(step, total, config.warmup_ratio)
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * factor
             weight = lambda_align if replay else config.lambda_cls
