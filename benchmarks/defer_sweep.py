@@ -9,15 +9,14 @@ import argparse
 import json
 from pathlib import Path
 
-from ess.evaluation.config import BENIGN_TASK
-from ess.evaluation.stores import record_key
+from ess.evaluation.config import BENIGN_TASK, EvalError
+from ess.evaluation.stores import eval_records, record_key
 
 VALUES = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0)
 
 
 def records(folder: str) -> dict[tuple, dict]:
-    rows = map(json.loads, (Path(folder) / "records.jsonl").read_text().splitlines())
-    return {record_key(r): r for r in rows}
+    return {record_key(r): r for r in eval_records(folder)}
 
 
 def main() -> None:
@@ -26,7 +25,10 @@ def main() -> None:
     parser.add_argument("deferred", help="eval folder of the same model and prompts with --defer-below 1")
     parser.add_argument("--out", default="defer_sweep.json", help="JSON file written (default defer_sweep.json)")
     args = parser.parse_args()
-    off, deferred = records(args.off), records(args.deferred)
+    try:
+        off, deferred = records(args.off), records(args.deferred)
+    except EvalError as error:
+        parser.error(str(error))
     keys = [k for k in deferred if k in off]
     attacks = sorted({k[2] for k in keys if k[1] != BENIGN_TASK})
     rows = []

@@ -16,7 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from ess.data.loaders import load_examples
-from ess.evaluation.config import BENIGN_TASK
+from ess.evaluation.config import BENIGN_TASK, EvalError
+from ess.evaluation.stores import eval_records
 
 
 def styles(spec: str | None) -> dict[str, str]:
@@ -38,8 +39,8 @@ def cause(record: dict) -> str:
 
 
 def outcomes(folder: str, attack: str, style_of: dict[str, dict[str, str]]) -> dict:
-    rows = [json.loads(line) for line in (Path(folder) / "records.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["model"] != "baseline" and (r["task"] == BENIGN_TASK or r["attack"] == attack)]
+    mine = [r for r in eval_records(folder) if r["model"] != "baseline"]
+    rows = [r for r in mine if r["task"] == BENIGN_TASK or r["attack"] == attack]
     result: dict[str, dict] = {}
     for group in ("harmful", "benign"):
         chosen = [r for r in rows if (r["task"] == BENIGN_TASK) == (group == "benign")]
@@ -63,7 +64,10 @@ def main() -> None:
     parser.add_argument("--out", default="outcomes.json", help="JSON file written (default outcomes.json)")
     args = parser.parse_args()
     style_of = {"harmful": styles(args.prompts), "benign": styles(args.benign_prompts)}
-    report = {folder: outcomes(folder, args.attack, style_of) for folder in args.folders}
+    try:
+        report = {folder: outcomes(folder, args.attack, style_of) for folder in args.folders}
+    except EvalError as error:
+        parser.error(str(error))
     for folder, result in report.items():
         print(folder)
         for group, counts in result.items():

@@ -26,6 +26,7 @@ from ess.evaluation import (
     cmd_eval,
     config_from_args,
     continuation,
+    eval_records,
     judge_records,
     leak_stats,
     paper_suite,
@@ -325,9 +326,12 @@ def test_record_store_drops_a_cut_off_last_line_and_refuses_foreign_files(tmp_pa
     assert path.read_text().count("\n") == 3  # the cut-off line is gone from the file too
     store.add([_record(index=3)])
     assert len(RecordStore(path).rows) == 4
+    assert eval_records(tmp_path) == RecordStore(path).rows  # an eval folder's records, read alike
     path.write_text("not json\n" + json.dumps(good[0]) + "\n")
     with pytest.raises(EvalError, match="records.jsonl:1"):
         RecordStore(path)
+    with pytest.raises(EvalError, match="no records.jsonl; is this an ess eval folder"):
+        eval_records(tmp_path / "elsewhere")
 
 
 # --- end to end on tiny models -------------------------------------------------------------------

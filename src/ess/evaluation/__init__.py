@@ -32,7 +32,7 @@ from .cli import add_eval_arguments, cmd_eval, config_from_args, summary_lines
 from .config import BENIGN_TASK, MAIN_TASK, EvalConfig, EvalError, Task, is_ess_checkpoint
 from .records import MIN_PRE_REFUSAL_WORDS, RECORD_FIELDS, Item, continuation, judge_records, sampling_of
 from .run import EvalResult, run_eval
-from .stores import CostlyInputs, JsonlLog, RecordStore
+from .stores import CostlyInputs, JsonlLog, RecordStore, eval_records
 from .suite import PAPER_ADVBENCH_ATTACKS, paper_suite
 from .summary import leak_stats, summarize
 
@@ -54,6 +54,7 @@ __all__ = [
     "cmd_eval",
     "config_from_args",
     "continuation",
+    "eval_records",
     "is_ess_checkpoint",
     "judge_records",
     "leak_stats",

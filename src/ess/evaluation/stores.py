@@ -51,6 +51,14 @@ class JsonlLog:
         os.replace(tmp, self.path)
 
 
+def eval_records(folder: str | Path) -> list[dict]:
+    """The records of an `ess eval` output folder, read as a resumed run reads them."""
+    path = Path(folder) / "records.jsonl"
+    if not path.is_file():
+        raise EvalError(f"{folder}: no records.jsonl; is this an ess eval folder?")
+    return JsonlLog(path).rows
+
+
 class RecordStore(JsonlLog):
     """`records.jsonl`, appended to as answers come in; knows which records are finished."""
 
