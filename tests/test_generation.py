@@ -81,6 +81,29 @@ def test_cached_loop_equals_from_scratch_reference(tiny_models, family):
     assert any(g.intervened for g in fast) and not all(g.intervened for g in fast)
 
 
+def test_finished_rows_leave_the_batch_and_the_rest_generate_as_the_reference(tiny_llama):
+    from dataclasses import replace
+
+    model = _model(tiny_llama)
+    base = _requests(14)
+    _set_threshold_between_verdicts(model, base)
+    # Budgets of 2 to 14 tokens: rows finish one after another, refused ones earlier still.
+    requests = [replace(r, sampling=Sampling(max_new_tokens=2 + 2 * i)) for i, r in enumerate(base + base[:1])]
+    rows_per_step = []
+
+    def count_decode_rows(module, args, kwargs, output):
+        if kwargs["inputs_embeds"].shape[1] <= 2:  # a decode step feeds one or two rows per sequence
+            rows_per_step.append(kwargs["inputs_embeds"].shape[0])
+
+    hook = model.decoder.register_forward_hook(count_decode_rows, with_kwargs=True)
+    fast = generate(model, requests, batch_size=len(requests))
+    hook.remove()
+    assert rows_per_step[0] == len(requests) and rows_per_step[-1] == 1
+    assert rows_per_step == sorted(rows_per_step, reverse=True)
+    _assert_same(fast, generate(model, requests, reference=True))
+    assert any(g.intervened for g in fast)
+
+
 def test_batch_size_does_not_change_results(tiny_llama):
     model = _model(tiny_llama)
     requests = _requests(10)

@@ -166,12 +166,22 @@ class CachedEngine:
         if self.history is None:
             return
         layers = self.cache.layers
-        entry = (
-            torch.stack([layer.keys[:, :, 0] for layer in layers]),
-            torch.stack([layer.values[:, :, 0] for layer in layers]),
-        )
+        keys = torch.stack([layer.keys[:, :, 0] for layer in layers])
+        values = torch.stack([layer.values[:, :, 0] for layer in layers])
         for row in rows:
-            self.history[row].append((self.lengths[row], entry))
+            self.history[row].append((self.lengths[row], (keys[:, row], values[:, row])))
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Go on with the rows `rows` names only, renumbered in its order: finished rows leave the
+        batch, so that later steps compute the live ones alone (a row's keys, values and verdicts do
+        not depend on the other rows)."""
+        index = torch.tensor(rows, device=self.model.device)
+        self.ids, self.roles, self.is_aux = self.ids[index], self.roles[index], self.is_aux[index]
+        self.text_len = self.text_len[index]
+        self.lengths = [self.lengths[i] for i in rows]
+        self.cache.select_rows(index)
+        if self.history is not None:
+            self.history = [self.history[i] for i in rows]
 
     def forget(self, row: int, kept: int) -> None:
         """No rollback of `row` will go below `kept` tokens: drop the [CLS] versions it cannot need."""
@@ -189,8 +199,8 @@ class CachedEngine:
         self.lengths[row] = keep
         keys, values = [v for v in self.history[row] if v[0] <= keep][-1][1]
         for layer, k, v in zip(self.cache.layers, keys, values):
-            layer.keys[row, :, 0] = k[row]
-            layer.values[row, :, 0] = v[row]
+            layer.keys[row, :, 0] = k
+            layer.values[row, :, 0] = v
 
 
 class ReferenceEngine:
@@ -260,6 +270,12 @@ class ReferenceEngine:
     def start(self) -> tuple[torch.Tensor, torch.Tensor]:
         results = [self._run(row) for row in range(len(self.queries))]
         return torch.stack([r[0] for r in results]), torch.tensor([r[1] for r in results])
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Go on with the rows `rows` names only, renumbered in its order."""
+        for name in ("queries", "plain", "responses", "versions", "finished"):
+            kept = getattr(self, name)
+            setattr(self, name, [kept[i] for i in rows])
 
     def forget(self, row: int, kept: int) -> None:
         """Nothing to drop: the reference keeps every version anyway."""

@@ -199,6 +199,10 @@ def _run_batch(
                 yield row.index, [], row.close(model.tokenizer)
         if all(t is None for t in tokens):
             break
+        if None in tokens:  # finished rows leave the batch
+            live = [i for i, t in enumerate(tokens) if t is not None]
+            engine.keep_rows(live)
+            rows, tokens = [rows[i] for i in live], [tokens[i] for i in live]
         spans = []
         for row, token in zip(rows, tokens):
             if token is not None:
