@@ -6,7 +6,8 @@ row's schedule says so, over the span its strategic-attention rule picks; a verd
 the guiding text (medium reliance) or the fixed refusal (high). A token is released to the caller
 once no verdict can withdraw it (`Policy.hold_back`); an intervention withdraws what is held,
 rolls the engine back to the released tokens and inserts the text there. The record says how
-many tokens were released before the intervention.
+many tokens were released before the intervention. A row that finishes leaves the batch, so each
+step computes the live rows only.
 """
 
 from __future__ import annotations
