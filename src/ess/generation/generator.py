@@ -180,9 +180,6 @@ def _run_batch(
     while True:
         tokens = []
         for i, row in enumerate(rows):
-            if row.done:
-                tokens.append(None)
-                continue
             stop = cancelled is not None and cancelled(row.index)
             token = row.finish("cancelled") if stop else row.next_token(logits[i], eos)
             if row.done and stop and row.policy.deferred:
@@ -198,24 +195,23 @@ def _run_batch(
             if row.done:
                 yield row.index, row.release(engine, i), None
                 yield row.index, [], row.close(model.tokenizer)
-        if all(t is None for t in tokens):
+        live = [i for i, t in enumerate(tokens) if t is not None]
+        if not live:
             break
-        if None in tokens:  # finished rows leave the batch
-            live = [i for i, t in enumerate(tokens) if t is not None]
+        if len(live) < len(rows):  # finished rows leave the batch
             engine.keep_rows(live)
             rows, tokens = [rows[i] for i in live], [tokens[i] for i in live]
         spans = []
         for row, token in zip(rows, tokens):
-            if token is not None:
-                row.emitted.append(token)
+            row.emitted.append(token)
             n = len(row.emitted)
-            wants = token is not None and not row.policy.plain and row.policy.wants_reevaluation(n)
+            wants = not row.policy.plain and row.policy.wants_reevaluation(n)
             spans.append(row.policy.span(n) if wants else None)
         logits, ps = engine.step(tokens, spans)
         for i, (row, span, p) in enumerate(zip(rows, spans, ps)):
             # Release first: the verdict of this pass may withdraw only what the hold keeps
             # (hold_back 0: nothing, the token fed with it included, as without hold-back).
-            released = [] if row.done else row.release(engine, i)
+            released = row.release(engine, i)
             if p is not None:
                 n = len(row.emitted)
                 row.result.trace.append(TraceEntry(step=n, p_malicious=p, span=(span.start, span.end), rule=span.rule))
