@@ -1,10 +1,11 @@
 """Where a training step of the default recipe spends its time (collate, forward, backward, gradient
-clipping, optimiser), on the default model with LoRA in the machine's dtype, with the sdpa and the
-eager attention of transformers: prints a table, writes JSON. Each configuration runs one warm-up
-step, then `--steps` timed steps; the configurations take turns for `--rounds` rounds, so that a
-machine whose speed drifts slows them alike.
+clipping, optimiser), on the default model with LoRA in the machine's dtype, with the prefix that
+every row shares run once or in every row (`ESSModel.share_prefix`), and with the attention
+implementations of transformers named by `--attention`: prints a table, writes JSON. Each
+configuration runs one warm-up step, then `--steps` timed steps; the configurations take turns for
+`--rounds` rounds, so that a machine whose speed drifts slows them alike.
 
-    PYTHONPATH=src python benchmarks/train_step.py [--steps 8] [--out train_step.json]
+    PYTHONPATH=src python benchmarks/train_step.py [--steps 8] [--attention sdpa,eager] [--out train_step.json]
 """
 
 import argparse
@@ -54,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (default 8)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the configurations (default 2)")
+    parser.add_argument("--attention", default="sdpa", help="attention implementations, comma-separated (default sdpa)")
     parser.add_argument("--out", default="train_step.json", help="JSON file written (default train_step.json)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -65,27 +67,28 @@ def main() -> None:
     windows = pretraining_texts(examples, base, model.tokenizer, recipe.windows_per_answer)
     windows = windows[: recipe.pretrain_batch_size * (args.steps + 1)]
     window_items = [encoder.encode_text(text, label, lm_loss=label == "benign") for text, label in windows]
-    by_length = sorted(window_items, key=lambda item: len(item.ids))
     mixture = alignment_examples(examples, base, recipe.examples, recipe.seed, recipe.refusal_resamples)
     sequences = [encoder.encode_example(e) for e in mixture[: recipe.batch_size * (args.steps + 1)]]
     windows_per_step, sequences_per_step = recipe.pretrain_batch_size, recipe.batch_size
     data = {
         f"pretrain, {windows_per_step} random windows": (window_items, Phase.PRETRAIN, windows_per_step),
-        f"pretrain, {windows_per_step} windows by length": (by_length, Phase.PRETRAIN, windows_per_step),
         f"align, {sequences_per_step} random sequences": (sequences, Phase.ALIGN, sequences_per_step),
     }
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
-        for attention in ("sdpa", "eager"):
+        for attention in args.attention.split(","):
             model.base_lm.set_attn_implementation(attention)
-            for name, (items, phase, size) in data.items():
-                runs.setdefault(f"{name}, {attention}", []).append(
-                    time_steps(model, encoder, items, phase, size, args.steps)
-                )
+            for share in (True, False):
+                ESSModel.share_prefix = share
+                for name, (items, phase, size) in data.items():
+                    prefix = "prefix once" if share else "prefix per row"
+                    runs.setdefault(f"{name}, {attention}, {prefix}", []).append(
+                        time_steps(model, encoder, items, phase, size, args.steps)
+                    )
     results = {name: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} for name, rs in runs.items()}
-    print(f"{'configuration':38s} " + " ".join(f"{p:>9s}" for p in (*PARTS, "step")) + "  real tok/s")
+    print(f"{'configuration':54s} " + " ".join(f"{p:>9s}" for p in (*PARTS, "step")) + "  real tok/s")
     for name, r in results.items():
-        print(f"{name:38s} " + " ".join(f"{r[p]:9.3f}" for p in (*PARTS, "step")) + f"  {r['real_tokens_per_s']:10.0f}")
+        print(f"{name:54s} " + " ".join(f"{r[p]:9.3f}" for p in (*PARTS, "step")) + f"  {r['real_tokens_per_s']:10.0f}")
     with open(args.out, "w") as f:
         json.dump(
             {"dtype": str(native_dtype()), "steps": args.steps, "rounds": args.rounds, "results": results}, f, indent=2

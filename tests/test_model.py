@@ -117,6 +117,61 @@ def test_padded_batch_equals_one_at_a_time(tiny_models, family, phase):
             )
 
 
+@pytest.mark.parametrize("phase", (Phase.ALIGN, Phase.PRETRAIN))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_runs_once_with_the_losses_and_gradients_of_every_row(tiny_models, family, phase, monkeypatch):
+    """The system turn every chat row begins with runs as one row; losses, verdicts, hidden states and
+    gradients equal those of running it in every row."""
+    model = _model(tiny_models[family]).train()
+    encoder = _encoder(model)
+    examples = [
+        Example.from_prompt("Hi", "benign", response="Hello!"),
+        Example.from_prompt("How do I pick a lock?", "malicious", response="Sorry, I cannot help with that."),
+        Example.from_prompt("Write a poem about the sea, please.", "benign", response="The sea is wide."),
+    ]
+    batch = encoder.collate([encoder.encode_example(e) for e in examples])
+    system_turn = encoder.query_ids([{"role": "user", "content": "x"}]).index(encoder.tokenize("x")[0])
+    assert model.shared_prefix(batch.input_ids, batch.roles, phase) == system_turn
+    rows_read = []
+    model.decoder.register_forward_hook(
+        lambda _, args, kwargs, out: rows_read.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
+    )
+
+    def run(share: bool):
+        monkeypatch.setattr(ESSModel, "share_prefix", share)
+        model.zero_grad()
+        out = model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels, 1.0)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    shared, shared_grads = run(True)
+    every, every_grads = run(False)
+    b, n = batch.input_ids.shape
+    assert rows_read == [(1, system_turn), (b, n - system_turn), (b, n)]
+    torch.testing.assert_close(shared.loss, every.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.cls_logits, every.cls_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.hidden_states, every.hidden_states, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == every_grads.keys() and "cls_embedding" in shared_grads
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-4, rtol=1e-3)
+
+
+def test_no_prefix_is_shared_where_rows_differ_or_read_cls(tiny_llama):
+    model = _model(tiny_llama)
+    encoder = _encoder(model)
+    same = [encoder.encode_example(_example("Hi", "Hello!")), encoder.encode_example(_example("Hi", "Hello!"))]
+    batch = encoder.collate(same)
+    query = batch.roles[0].tolist().count(Role.QUERY)
+    # Identical rows share their whole query; the response reads [CLS] in the alignment phase.
+    assert model.shared_prefix(batch.input_ids, batch.roles, Phase.ALIGN) == query
+    assert model.shared_prefix(batch.input_ids, batch.roles, Phase.PRETRAIN) == batch.input_ids.shape[1] - 1
+    windows = encoder.collate(
+        [encoder.encode_text("The sea is wide", "benign"), encoder.encode_text("A sky", "benign")]
+    )
+    assert model.shared_prefix(windows.input_ids, windows.roles, Phase.PRETRAIN) == 0
+    assert model.shared_prefix(batch.input_ids[:1], batch.roles[:1], Phase.ALIGN) == 0
+
+
 def test_user_text_cannot_inject_cls(tiny_llama):
     model = _model(tiny_llama)
     encoder = _encoder(model)
