@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from ess.data.encoding import ChatEncoder
 from ess.generation import Policy, Request, Sampling, generate
 from ess.generation.generator import sample_token
 from ess.generation.policy import INSERT, REFUSE, PolicyError, RowPolicy, reevaluate_at, validate
@@ -135,7 +138,9 @@ def test_sampled_outputs_do_not_depend_on_batch_size_or_composition(tiny_llama):
     assert alone == together[:3]
 
 
-def test_a_prompt_under_several_settings_is_prefilled_once_and_generates_as_the_reference(tiny_llama, monkeypatch):
+def test_a_shared_system_turn_and_a_prompt_under_several_settings_are_prefilled_once_as_the_reference(
+    tiny_llama, monkeypatch
+):
     from dataclasses import replace
 
     from ess.generation.engines import CachedEngine
@@ -153,18 +158,22 @@ def test_a_prompt_under_several_settings_is_prefilled_once_and_generates_as_the_
 
     def count_prefill_rows(module, args, kwargs, output):
         if kwargs["inputs_embeds"].shape[1] > 2:  # a decode step feeds one or two rows per sequence
-            rows_prefilled.append(kwargs["inputs_embeds"].shape[0])
+            rows_prefilled.append(tuple(kwargs["inputs_embeds"].shape[:2]))
 
     hook = model.decoder.register_forward_hook(count_prefill_rows, with_kwargs=True)
     fast = generate(model, requests, batch_size=len(requests))
     hook.remove()
-    assert rows_prefilled == [len(base)]  # the variants share the prefill of base[0]
+    encoder = ChatEncoder.for_model(model)
+    queries = [encoder.query_ids(r.messages) for r in base]
+    system_turn = len(os.path.commonprefix(queries))
+    assert 0 < system_turn < min(len(q) for q in queries)
+    # The system turn as one row, then [CLS] and the rest of each distinct query: the variants
+    # share the prefill of base[0].
+    assert rows_prefilled == [(1, system_turn), (len(base), 1 + max(len(q) for q in queries) - system_turn)]
     _assert_same(fast, generate(model, requests, reference=True))
     monkeypatch.setattr(CachedEngine, "share_prefill", False)
     every_row = generate(model, requests, batch_size=len(requests))
-    assert [(g.token_ids, [t.p_malicious for t in g.trace]) for g in fast] == [
-        (g.token_ids, [t.p_malicious for t in g.trace]) for g in every_row
-    ]  # bit for bit
+    _assert_same(fast, every_row)
 
 
 def test_next_token_logprobs_after_a_prefill_equal_the_reference(tiny_llama):

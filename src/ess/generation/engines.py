@@ -31,9 +31,19 @@ def auxiliary_ids(tokenizer) -> set[int]:
     return ids
 
 
+def _shared_prefix(query_ids: list[list[int]]) -> int:
+    """Tokens every query begins with, leaving each query at least one token of its own."""
+    shortest = min(len(q) for q in query_ids)
+    for n in range(shortest - 1):
+        if any(q[n] != query_ids[0][n] for q in query_ids):
+            return n
+    return max(0, shortest - 1)
+
+
 class CachedEngine:
     share_prefill = True
-    """Prefill identical rows once (False: every row, for benchmarks/shared_prefill.py)."""
+    """Prefill identical rows, and the prefix every query shares, once (False: every row, for
+    tests and benchmarks/shared_prefill.py)."""
 
     def __init__(
         self,
@@ -52,11 +62,17 @@ class CachedEngine:
         self.query_len = 1 + max(len(q) for q in query_ids)
         self.capacity = self.query_len + capacity_after
         width = self.query_len
+        self.prefix_len = _shared_prefix(query_ids) if self.share_prefill and b > 1 else 0
         self.ids = torch.full((b, self.capacity), 0, dtype=torch.long, device=device)
         self.roles = torch.full((b, self.capacity), int(Role.PAD), dtype=torch.long, device=device)
+        # Slot 0 is [CLS]; the prefix every query shares takes the next slots in every row, and the
+        # rest of each query ends at `width` (padding between the two: positions skip it).
+        prefix = self.prefix_len
         for row, (query, is_plain) in enumerate(zip(query_ids, plain)):
-            self.ids[row, width - len(query) : width] = torch.tensor(query, device=device)
-            self.roles[row, width - len(query) : width] = int(Role.QUERY)
+            self.ids[row, 1 : 1 + prefix] = torch.tensor(query[:prefix], dtype=torch.long, device=device)
+            self.ids[row, width - len(query) + prefix : width] = torch.tensor(query[prefix:], device=device)
+            self.roles[row, 1 : 1 + prefix] = int(Role.QUERY)
+            self.roles[row, width - len(query) + prefix : width] = int(Role.QUERY)
             if not is_plain:  # a plain row has no [CLS]: nobody reads slot 0, so it is the base model
                 self.ids[row, 0] = model.config.cls_token_id
                 self.roles[row, 0] = int(Role.CLS)
@@ -86,16 +102,25 @@ class CachedEngine:
         """Prefill [CLS] + queries: next-token logits [b, V] and the first verdict p [b].
 
         Identical rows (one prompt under several attacks or sampling settings) are prefilled once
-        and copied: a row's keys and values do not depend on the other rows of the batch, so the
-        copies equal a prefill of every row (tests/test_generation.py checks bit for bit)."""
-        width = self.query_len
+        and copied: a row's keys and values do not depend on the other rows of the batch. So is the
+        prefix that every query shares (a chat template's system turn), which reads nothing else:
+        it is prefilled as one row, and its keys and values copied into every row. Both equal a
+        prefill of every row up to rounding (tests/test_generation.py)."""
+        width, prefix = self.query_len, self.prefix_len
         distinct, copy_of = self._distinct_rows()
-        roles = self.roles[distinct, :width]
+        query_slots = self.key_slots[:width]
+        if prefix:
+            shared = self.key_slots[1 : 1 + prefix]
+            roles = self.roles[:1, shared]
+            self._forward(self.ids[:1, shared], roles, shared, position_ids(roles), key_roles=self.roles[:1])
+            self.cache.select_rows(torch.zeros_like(distinct))
+            query_slots = torch.cat([query_slots[:1], query_slots[1 + prefix :]])
+        roles = self.roles[distinct][:, query_slots]
         hidden = self._forward(
-            self.ids[distinct, :width],
+            self.ids[distinct][:, query_slots],
             roles,
-            self.key_slots[:width],
-            position_ids(roles),
+            query_slots,
+            position_ids(self.roles[distinct, :width])[:, query_slots],
             key_roles=self.roles[distinct],
         )
         if len(distinct) < len(copy_of):
