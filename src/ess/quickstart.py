@@ -62,9 +62,10 @@ class QuickstartConfig:
         check(self)
 
 
-# Seconds of stages 1-4 on the 2-core reference CPU from a fresh $ESS_HOME (docs/experiments.md);
-# the overall ETA scales them by how fast this machine ran the finished stages.
-STAGE_SECONDS = (26, 690, 304, 54)
+# Seconds of stages 1-4 from a fresh $ESS_HOME on the slowest 2-core CPU measured (fp32, no native
+# bf16; docs/experiments.md, 27c523d); the overall ETA scales them by how fast this machine ran the
+# finished stages.
+STAGE_SECONDS = (38, 1523, 583, 104)
 
 
 class _Clock:
