@@ -121,6 +121,28 @@ def _check_masks(model: ESSModel, dtype: str) -> None:
         if phase == Phase.ALIGN and dtype == "fp32":  # the response reads [CLS]
             response = batch.roles[0, 1:] == Role.RESPONSE
             assert (ours[response] - base[response]).abs().max() > 1e-3
+    _check_shared_prefix(model, tolerance)
+
+
+def _check_shared_prefix(model: ESSModel, tolerance: float) -> None:
+    """Two rows that share the system turn: the prefix run once gives what it gives in every row."""
+    encoder = ChatEncoder.for_model(model)
+    rows = [("Hi", "Hello!"), ("Name three rivers.", "The Nile, the Amazon and the Rhine.")]
+    batch = encoder.collate([encoder.encode_example(Example.from_prompt(q, "benign", response=r)) for q, r in rows])
+    for phase in (Phase.ALIGN, Phase.PRETRAIN):
+        assert model.shared_prefix(batch.input_ids, batch.roles, phase) > 0
+        with torch.no_grad():
+            shared = model(batch.input_ids, batch.roles, phase)
+            ESSModel.share_prefix = False
+            try:
+                every = model(batch.input_ids, batch.roles, phase)
+            finally:
+                ESSModel.share_prefix = True
+        real = batch.roles != Role.PAD
+        torch.testing.assert_close(
+            shared.hidden_states[real], every.hidden_states[real], atol=tolerance, rtol=tolerance
+        )
+        torch.testing.assert_close(shared.cls_logits, every.cls_logits, atol=tolerance, rtol=tolerance)
 
 
 def _requests(forced: bool) -> list[Request]:

@@ -156,7 +156,7 @@ def test_shared_prefix_runs_once_with_the_losses_and_gradients_of_every_row(tiny
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-4, rtol=1e-3)
 
 
-def test_no_prefix_is_shared_where_rows_differ_or_read_cls(tiny_llama):
+def test_the_shared_prefix_stops_where_rows_differ_read_cls_or_draw_dropout(tiny_llama):
     model = _model(tiny_llama)
     encoder = _encoder(model)
     same = [encoder.encode_example(_example("Hi", "Hello!")), encoder.encode_example(_example("Hi", "Hello!"))]
@@ -165,11 +165,25 @@ def test_no_prefix_is_shared_where_rows_differ_or_read_cls(tiny_llama):
     # Identical rows share their whole query; the response reads [CLS] in the alignment phase.
     assert model.shared_prefix(batch.input_ids, batch.roles, Phase.ALIGN) == query
     assert model.shared_prefix(batch.input_ids, batch.roles, Phase.PRETRAIN) == batch.input_ids.shape[1] - 1
+    with torch.no_grad():  # a whole row shared: the rest is [CLS] alone
+        whole = model(batch.input_ids, batch.roles, Phase.PRETRAIN)
+        ESSModel.share_prefix = False
+        try:
+            every = model(batch.input_ids, batch.roles, Phase.PRETRAIN)
+        finally:
+            ESSModel.share_prefix = True
+    torch.testing.assert_close(whole.hidden_states, every.hidden_states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole.cls_logits, every.cls_logits, atol=1e-5, rtol=1e-5)
     windows = encoder.collate(
         [encoder.encode_text("The sea is wide", "benign"), encoder.encode_text("A sky", "benign")]
     )
     assert model.shared_prefix(windows.input_ids, windows.roles, Phase.PRETRAIN) == 0
     assert model.shared_prefix(batch.input_ids[:1], batch.roles[:1], Phase.ALIGN) == 0
+    # In training each row draws its own dropout mask, so nothing is shared where dropout is on.
+    model.train()
+    assert model.shared_prefix(batch.input_ids, batch.roles, Phase.ALIGN) == query
+    model.base_lm.config.attention_dropout = 0.1
+    assert model.shared_prefix(batch.input_ids, batch.roles, Phase.ALIGN) == 0
 
 
 def test_user_text_cannot_inject_cls(tiny_llama):

@@ -265,7 +265,8 @@ class ESSModel(nn.Module):
         lambda_cls: float | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> ESSOutput:
-        """One pass over [CLS] + text with the attention rules of `phase`.
+        """[CLS] + text through the model with the attention rules of `phase` (the prefix all rows
+        share, if any, in a pass of its own: `shared_prefix`).
 
         `lm_targets` [b, n] holds, at each position, the token to predict there (-100 where no LM
         loss applies); `cls_labels` [b] the class of each row. With either, the loss is
@@ -298,18 +299,26 @@ class ESSModel(nn.Module):
 
     def shared_prefix(self, input_ids: torch.Tensor, roles: torch.Tensor, phase: str) -> int:
         """How many text tokens right after [CLS] every row of the batch shares, ids and roles alike,
-        where none of them reads [CLS] (0 where `share_prefix` is off or there is one row).
+        where none of them reads [CLS]. 0 where `share_prefix` is off, for one row, for rows without
+        [CLS] in front, and in training with dropout or gradient checkpointing (every row must draw
+        its own dropout mask; checkpointing drops the cache the rest reads the prefix from).
 
         Such tokens read only each other, so their keys, values and hidden states are the same in
         every row: `forward` computes them once. A chat template's system turn is such a prefix (24
         of the 86 tokens of an average alignment row of the default model)."""
         if not self.share_prefix or input_ids.shape[0] < 2 or not bool((roles[:, 0] == Role.CLS).all()):
             return 0
+        if self.training and (self._has_dropout() or getattr(self.decoder, "gradient_checkpointing", False)):
+            return 0
         text = roles[0, 1:] == Role.QUERY
         if phase == Phase.PRETRAIN:  # nobody reads [CLS] in the pretraining phase
             text |= roles[0, 1:] == Role.RESPONSE
         same = (input_ids[:, 1:] == input_ids[:1, 1:]).all(0) & (roles[:, 1:] == roles[:1, 1:]).all(0) & text
         return int(same.long().cumprod(0).sum())
+
+    def _has_dropout(self) -> bool:
+        attention = getattr(self.base_lm.config, "attention_dropout", 0.0) or 0.0
+        return attention > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
 
     def _decode(self, embeds: torch.Tensor, roles: torch.Tensor, phase: str, shared: int) -> torch.Tensor:
         """Last hidden states [b, n, hidden] of the base decoder under the mask of `phase`; the

@@ -1,7 +1,7 @@
 """Two ways to run the same decode loop: fast with a slot cache, or exact from scratch.
 
-`CachedEngine` keeps one KV cache for the batch: slot 0 is [CLS], then the left-padded queries,
-then one slot per decode step. A re-evaluation of [CLS] is one extra query row in the forward
+`CachedEngine` keeps one KV cache for the batch: slot 0 is [CLS], then the prefix all queries
+share, then the rest of each query, left-padded, then one slot per decode step. A re-evaluation of [CLS] is one extra query row in the forward
 pass of the next token; it overwrites slot 0 in place, and the token of that same pass (and every
 later one) reads the new entry.
 
