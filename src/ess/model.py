@@ -1,8 +1,9 @@
 """The ESS model: a causal LM, one extra [CLS] embedding row and a benign/malicious head.
 
 Reading order: `ESSModel.forward` embeds the tokens (the [CLS] row substituted where the role
-says CLS), builds the 4D mask from the token roles (`ess.masks`), runs the base decoder once, and
-reads the head off the [CLS] hidden state. LM logits are computed only where they are needed.
+says CLS), builds the 4D mask from the token roles (`ess.masks`), runs the base decoder (`_decode`:
+the prefix all rows share first, as one row), and reads the head off the [CLS] hidden state. LM
+logits are computed only where they are needed.
 
 Checkpoint layout (`save_pretrained`), safetensors only:
     ess_config.json          ESSConfig: base reference, [CLS] id, λ, adapter kind, version
