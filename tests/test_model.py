@@ -156,7 +156,7 @@ def test_shared_prefix_runs_once_with_the_losses_and_gradients_of_every_row(tiny
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-4, rtol=1e-3)
 
 
-def test_the_shared_prefix_stops_where_rows_differ_read_cls_or_draw_dropout(tiny_llama):
+def test_the_shared_prefix_stops_where_rows_differ_read_cls_or_draw_dropout(tiny_llama, monkeypatch):
     model = _model(tiny_llama)
     encoder = _encoder(model)
     same = [encoder.encode_example(_example("Hi", "Hello!")), encoder.encode_example(_example("Hi", "Hello!"))]
@@ -167,11 +167,9 @@ def test_the_shared_prefix_stops_where_rows_differ_read_cls_or_draw_dropout(tiny
     assert model.shared_prefix(batch.input_ids, batch.roles, Phase.PRETRAIN) == batch.input_ids.shape[1] - 1
     with torch.no_grad():  # a whole row shared: the rest is [CLS] alone
         whole = model(batch.input_ids, batch.roles, Phase.PRETRAIN)
-        ESSModel.share_prefix = False
-        try:
-            every = model(batch.input_ids, batch.roles, Phase.PRETRAIN)
-        finally:
-            ESSModel.share_prefix = True
+        monkeypatch.setattr(ESSModel, "share_prefix", False)
+        every = model(batch.input_ids, batch.roles, Phase.PRETRAIN)
+        monkeypatch.undo()
     torch.testing.assert_close(whole.hidden_states, every.hidden_states, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(whole.cls_logits, every.cls_logits, atol=1e-5, rtol=1e-5)
     windows = encoder.collate(

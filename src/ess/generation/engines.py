@@ -1,9 +1,9 @@
 """Two ways to run the same decode loop: fast with a slot cache, or exact from scratch.
 
 `CachedEngine` keeps one KV cache for the batch: slot 0 is [CLS], then the prefix all queries
-share, then the rest of each query, left-padded, then one slot per decode step. A re-evaluation of [CLS] is one extra query row in the forward
-pass of the next token; it overwrites slot 0 in place, and the token of that same pass (and every
-later one) reads the new entry.
+share, then the rest of each query, left-padded, then one slot per decode step. A re-evaluation
+of [CLS] is one extra query row in the forward pass of the next token; it overwrites slot 0 in
+place, and the token of that same pass (and every later one) reads the new entry.
 
 Rolling a row back (hold-back: withdrawn tokens) marks its withdrawn slots as padding, so that
 nothing reads them, continues its positions from the kept tokens, and restores slot 0 to the
@@ -15,6 +15,8 @@ and simple, and the cached engine must match it (tests/test_generation.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -33,11 +35,7 @@ def auxiliary_ids(tokenizer) -> set[int]:
 
 def _shared_prefix(query_ids: list[list[int]]) -> int:
     """Tokens every query begins with, leaving each query at least one token of its own."""
-    shortest = min(len(q) for q in query_ids)
-    for n in range(shortest - 1):
-        if any(q[n] != query_ids[0][n] for q in query_ids):
-            return n
-    return max(0, shortest - 1)
+    return min(len(os.path.commonprefix(query_ids)), min(len(q) for q in query_ids) - 1)
 
 
 class CachedEngine:
