@@ -1,7 +1,8 @@
-"""Where a training step of the default recipe spends its time (collate, forward, backward, gradient
-clipping, optimiser), on the default model with LoRA in the machine's dtype, with the prefix that
-every row shares run once or in every row (`ESSModel.share_prefix`), and with the attention
-implementations of transformers named by `--attention`: prints a table, writes JSON. Each
+"""Where a training step of the default recipe spends its time (batching, forward, backward, gradient
+clipping, optimiser), on the default model with LoRA in the machine's dtype, in three layouts of a
+step's sequences (packed end to end as `ess train` does, `ChatEncoder.pack`; padded with the prefix
+every row shares run once, `ESSModel.share_prefix`; padded with it run in every row), and with the
+attention implementations of transformers named by `--attention`: prints a table, writes JSON. Each
 configuration runs one warm-up step, then `--steps` timed steps; the configurations take turns for
 `--rounds` rounds, so that a machine whose speed drifts slows them alike.
 
@@ -18,23 +19,24 @@ from ess.config import TrainConfig
 from ess.data.encoding import ChatEncoder
 from ess.data.recipe import alignment_examples, load_sources, pretraining_texts
 from ess.hub import DEFAULT_MODEL, resolve_base
-from ess.masks import Phase, Role
+from ess.masks import Phase
 from ess.model import ESSModel, native_dtype
 
-PARTS = ("collate", "forward", "backward", "clip", "optimizer")
+PARTS = ("batch", "forward", "backward", "clip", "optimizer")
+LAYOUTS = ("packed", "padded, prefix once", "padded, prefix per row")
 
 
-def time_steps(model, encoder, items, phase: str, batch_size: int, steps: int) -> dict:
-    """Mean seconds per part of a step, and real (non-padding) tokens per second."""
+def time_steps(model, encoder, items, phase: str, batch_size: int, steps: int, packed: bool) -> dict:
+    """Mean seconds per part of a step, and tokens of the sequences per second."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     totals, real = dict.fromkeys(PARTS, 0.0), 0
     for step in range(steps + 1):
         rows = items[step * batch_size : (step + 1) * batch_size]
         marks = [time.perf_counter()]
-        batch = encoder.collate(rows)
+        batch = encoder.pack(rows, encoder.max_length) if packed else encoder.collate(rows)
         marks.append(time.perf_counter())
-        output = model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels)
+        output = model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels, segments=batch.segments)
         marks.append(time.perf_counter())
         output.loss.backward()
         marks.append(time.perf_counter())
@@ -46,9 +48,9 @@ def time_steps(model, encoder, items, phase: str, batch_size: int, steps: int) -
         if step:  # the first step warms up
             for part, start, end in zip(PARTS, marks, marks[1:]):
                 totals[part] += end - start
-            real += int((batch.roles != Role.PAD).sum())
+            real += sum(len(item.ids) for item in rows)
     seconds = {part: total / steps for part, total in totals.items()}
-    return {**seconds, "step": sum(seconds.values()), "real_tokens_per_s": real / sum(totals.values())}
+    return {**seconds, "step": sum(seconds.values()), "tokens_per_s": real / sum(totals.values())}
 
 
 def main() -> None:
@@ -78,17 +80,16 @@ def main() -> None:
     for _ in range(args.rounds):
         for attention in args.attention.split(","):
             model.base_lm.set_attn_implementation(attention)
-            for share in (True, False):
-                ESSModel.share_prefix = share
+            for layout in LAYOUTS:
+                ESSModel.share_prefix = layout != "padded, prefix per row"
                 for name, (items, phase, size) in data.items():
-                    prefix = "prefix once" if share else "prefix per row"
-                    runs.setdefault(f"{name}, {attention}, {prefix}", []).append(
-                        time_steps(model, encoder, items, phase, size, args.steps)
+                    runs.setdefault(f"{name}, {attention}, {layout}", []).append(
+                        time_steps(model, encoder, items, phase, size, args.steps, layout == "packed")
                     )
     results = {name: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} for name, rs in runs.items()}
-    print(f"{'configuration':54s} " + " ".join(f"{p:>9s}" for p in (*PARTS, "step")) + "  real tok/s")
+    print(f"{'configuration':60s} " + " ".join(f"{p:>9s}" for p in (*PARTS, "step")) + "  tokens/s")
     for name, r in results.items():
-        print(f"{name:54s} " + " ".join(f"{r[p]:9.3f}" for p in (*PARTS, "step")) + f"  {r['real_tokens_per_s']:10.0f}")
+        print(f"{name:60s} " + " ".join(f"{r[p]:9.3f}" for p in (*PARTS, "step")) + f"  {r['tokens_per_s']:10.0f}")
     with open(args.out, "w") as f:
         json.dump(
             {"dtype": str(native_dtype()), "steps": args.steps, "rounds": args.rounds, "results": results}, f, indent=2

@@ -125,24 +125,31 @@ def _check_masks(model: ESSModel, dtype: str) -> None:
 
 
 def _check_shared_prefix(model: ESSModel, tolerance: float) -> None:
-    """Two rows that share the system turn: the prefix run once gives what it gives in every row."""
+    """Two rows that share the system turn: the prefix run once, and the two packed in one row,
+    give what each row gives on its own."""
     encoder = ChatEncoder.for_model(model)
     rows = [("Hi", "Hello!"), ("Name three rivers.", "The Nile, the Amazon and the Rhine.")]
-    batch = encoder.collate([encoder.encode_example(Example.from_prompt(q, "benign", response=r)) for q, r in rows])
+    items = [encoder.encode_example(Example.from_prompt(q, "benign", response=r)) for q, r in rows]
+    batch, packed = encoder.collate(items), encoder.pack(items, 10_000)
     for phase in (Phase.ALIGN, Phase.PRETRAIN):
         assert model.shared_prefix(batch.input_ids, batch.roles, phase) > 0
         with torch.no_grad():
-            shared = model(batch.input_ids, batch.roles, phase)
+            shared = model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels)
+            one_row = model(
+                packed.input_ids, packed.roles, phase, packed.lm_targets, packed.cls_labels, segments=packed.segments
+            )
             ESSModel.share_prefix = False
             try:
-                every = model(batch.input_ids, batch.roles, phase)
+                every = model(batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels)
             finally:
                 ESSModel.share_prefix = True
         real = batch.roles != Role.PAD
         torch.testing.assert_close(
             shared.hidden_states[real], every.hidden_states[real], atol=tolerance, rtol=tolerance
         )
-        torch.testing.assert_close(shared.cls_logits, every.cls_logits, atol=tolerance, rtol=tolerance)
+        for out in (shared, one_row):
+            torch.testing.assert_close(out.cls_logits, every.cls_logits, atol=tolerance, rtol=tolerance)
+            torch.testing.assert_close(out.lm_loss, every.lm_loss, atol=tolerance, rtol=tolerance)
 
 
 def _requests(forced: bool) -> list[Request]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ess.data.encoding import ChatEncoder
+from ess.data.encoding import ChatEncoder, Encoded
 from ess.data.schema import Example
 from ess.masks import Phase, Role
 from ess.model import ESSModel
@@ -154,6 +154,75 @@ def test_shared_prefix_runs_once_with_the_losses_and_gradients_of_every_row(tiny
     assert shared_grads.keys() == every_grads.keys() and "cls_embedding" in shared_grads
     for name, grad in every_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-4, rtol=1e-3)
+
+
+def _mixed_items(encoder: ChatEncoder) -> list:
+    """Sequences of every kind a training step packs: chat examples of both classes, a query-only
+    row, an answer-start row and pretraining windows."""
+    return [
+        encoder.encode_example(Example.from_prompt("Hi", "benign", response="Hello!")),
+        encoder.encode_example(
+            Example.from_prompt("How do I pick a lock?", "malicious", response="Sorry, I cannot help with that.")
+        ),
+        encoder.encode_query([{"role": "user", "content": "How was a lock picked in 1900?"}], 1),
+        encoder.encode_answer_start([{"role": "user", "content": "Write a poem."}], encoder.tokenize("The sea"), 0),
+        encoder.encode_example(Example.from_prompt("Write a poem about the sea, please.", "benign", response="Wide.")),
+    ]
+
+
+@pytest.mark.parametrize("phase", (Phase.ALIGN, Phase.PRETRAIN))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_packed_batch_has_the_losses_verdicts_and_gradients_of_the_padded_one(tiny_models, family, phase):
+    """The sequences of a step laid end to end (the shared system turn once per row, no padding)
+    train as the same sequences padded into rows of their own."""
+    model = _model(tiny_models[family]).train()
+    encoder = _encoder(model)
+    windows = [encoder.encode_text("The sea is wide and deep", "benign"), encoder.encode_text("A knife", "malicious")]
+    items = _mixed_items(encoder) if phase == Phase.ALIGN else windows + _mixed_items(encoder)[:2]
+    padded = encoder.collate(items)
+    system_turn = encoder.query_ids([{"role": "user", "content": "x"}]).index(encoder.tokenize("x")[0])
+
+    def run(batch):
+        model.zero_grad()
+        out = model(
+            batch.input_ids, batch.roles, phase, batch.lm_targets, batch.cls_labels, 1.0, segments=batch.segments
+        )
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    every, every_grads = run(padded)
+    for row_length in (10_000, 40):  # one row; several rows, each with its own copy of the prefix
+        packed = encoder.pack(items, row_length)
+        rows = packed.input_ids.shape[0]
+        assert (rows == 1) == (row_length == 10_000)
+        assert packed.segments.max() == len(items) and packed.cls_labels.tolist() == padded.cls_labels.tolist()
+        shared = system_turn if phase == Phase.ALIGN else 0
+        assert (
+            int((packed.roles != Role.PAD).sum())
+            == int((padded.roles != Role.PAD).sum()) - (len(items) - rows) * shared
+        )
+        out, grads = run(packed)
+        torch.testing.assert_close(out.loss, every.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.cls_logits, every.cls_logits, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == every_grads.keys() and "cls_embedding" in grads
+        for name, grad in every_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-3)
+
+
+def test_packing_keeps_a_sequences_last_query_token_and_refuses_rows_without_cls(tiny_llama):
+    model = _model(tiny_llama)
+    encoder = _encoder(model)
+    same = [encoder.encode_example(_example("Hi", "Hello!"))] * 2
+    packed = encoder.pack(same, 10_000)
+    query = same[0].roles.count(Role.QUERY)
+    # Identical rows share all their query but its last token, which predicts the first response token.
+    assert packed.segments[0].tolist().count(0) == query - 1
+    padded = encoder.collate(same)
+    targets = padded.lm_targets[padded.lm_targets != -100]
+    assert packed.lm_targets[packed.lm_targets != -100].tolist() == targets.tolist() and len(targets) > 0
+    without_cls = Encoded(ids=[1, 2], roles=[Role.QUERY, Role.QUERY], label=0, lm_target=[False, False])
+    with pytest.raises(ValueError, match="open with"):
+        encoder.pack([same[0], without_cls], 100)
 
 
 def test_the_shared_prefix_stops_where_rows_differ_read_cls_or_draw_dropout(tiny_llama, monkeypatch):

@@ -132,6 +132,12 @@ class TrainConfig:
         320,
         min=8,
     )
+    pack: bool = option(
+        "lay the sequences of each step end to end in rows of up to --max-length tokens, the system turn they "
+        "share once per row, instead of padding each to a row of its own: the same losses and gradients with "
+        "less computation (the baselines, without [CLS], are always padded)",
+        True,
+    )
     warmup_ratio: float = option("share of the steps spent warming up the learning rate", 0.05, min=0, max=1)
     weight_decay: float = option("AdamW weight decay", 0.0, min=0)
     save_every: int = option("write a resumable checkpoint every N steps (and at the end of each phase)", 25, min=1)

@@ -9,6 +9,11 @@ edges that touch [CLS] follow the phase rules of docs/METHOD.md §3:
 | -------- | ----------------------------------- | --------------- |
 | pretrain | every text token (bidirectional)    | nobody          |
 | align    | QUERY tokens (or a chosen span)     | RESPONSE tokens |
+
+A packed training row (`ChatEncoder.pack`) holds several sequences: `segments` numbers them from 1,
+and segment 0, a prefix they all share (a chat template's system turn), is read by every segment
+as if it stood in front of each one. Segments see nothing of each other, so a packed row computes
+what its sequences would compute one per row.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def attention_allowed(
     key_slots: torch.Tensor | None = None,
     cls_reads: torch.Tensor | None = None,
     reads_cls: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean [batch, q, k]: may query row i attend to key column j?
 
@@ -47,6 +53,8 @@ def attention_allowed(
     overrides what a [CLS] row reads (the inference spans of strategic attention); [CLS] always
     reads itself. `reads_cls` [b, q, k] overrides which rows read which [CLS] entry (the reference
     decoder keeps several [CLS] versions, each read by the tokens fed while it was current).
+    `segments` [b, n] (training, queries and keys the same tokens) confines each token to its own
+    segment and the shared prefix, segment 0.
     """
     if phase not in (Phase.PRETRAIN, Phase.ALIGN):
         raise ValueError(f"unknown phase {phase!r}")
@@ -76,6 +84,8 @@ def attention_allowed(
         allowed |= reads_cls & k_cls
     elif phase == Phase.ALIGN:
         allowed |= (query_roles == Role.RESPONSE)[:, :, None] & k_cls & causal
+    if segments is not None:
+        allowed &= (segments[:, :, None] == segments[:, None, :]) | (segments == 0)[:, None, :]
     # A padding row attends to itself only, so that softmax never sees an empty row.
     allowed |= q_pad & same_slot
     return allowed
@@ -92,15 +102,25 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[:, None]
 
 
-def position_ids(roles: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+def position_ids(
+    roles: torch.Tensor, offset: torch.Tensor | None = None, segments: torch.Tensor | None = None
+) -> torch.Tensor:
     """[CLS] and padding get position 0; text tokens count 0, 1, 2, ... in order.
 
     The text keeps the positions the base model would give it without [CLS] (a project choice:
     with no edge into [CLS] the LM is then exactly the base model, absolute position embeddings
-    included). `offset` [b] continues the count for tokens that follow cached ones.
+    included). `offset` [b] continues the count for tokens that follow cached ones. With
+    `segments` [b, n], each segment counts on from the end of the shared prefix (segment 0).
     """
-    is_text = (roles == Role.QUERY) | (roles == Role.RESPONSE)
-    pos = torch.cumsum(is_text.long(), dim=1) - 1
+    is_text = ((roles == Role.QUERY) | (roles == Role.RESPONSE)).long()
+    pos = torch.cumsum(is_text, dim=1) - 1
+    if segments is not None:
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        # Text before the segment's first token; the count grows along the row, so cummax carries it.
+        before = torch.where(starts, pos + 1 - is_text, torch.zeros_like(pos)).cummax(dim=1).values
+        prefix = (is_text * (segments == 0)).sum(dim=1, keepdim=True)
+        pos = pos - before + torch.where(segments > 0, prefix, torch.zeros_like(pos))
     if offset is not None:
         pos = pos + offset[:, None]
-    return torch.where(is_text, pos, torch.zeros_like(pos))
+    return torch.where(is_text.bool(), pos, torch.zeros_like(pos))

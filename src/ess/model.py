@@ -40,7 +40,7 @@ class ESSOutput:
     hidden_states: torch.Tensor
     """Last hidden states [b, n, hidden] (after the base's final norm)."""
     cls_logits: torch.Tensor
-    """Head logits [b, 2] of the first [CLS] of each row."""
+    """Head logits [b, 2] of the first [CLS] of each row (of each [CLS] of a packed batch)."""
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     cls_loss: torch.Tensor | None = None
@@ -265,6 +265,7 @@ class ESSModel(nn.Module):
         cls_labels: torch.Tensor | None = None,
         lambda_cls: float | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> ESSOutput:
         """[CLS] + text through the model with the attention rules of `phase` (the prefix all rows
         share, if any, in a pass of its own: `shared_prefix`).
@@ -273,13 +274,19 @@ class ESSModel(nn.Module):
         loss applies); `cls_labels` [b] the class of each row. With either, the loss is
         `L_lm + λ·L_cls`, λ being `lambda_cls` or the phase's λ of the config. `inputs_embeds`
         [b, n, hidden] replaces the token lookup (the [CLS] row is still substituted by role).
+        `segments` [b, n] marks a packed batch (`ChatEncoder.pack`): `cls_logits` and `cls_labels`
+        then hold one entry per [CLS], in the order of the rows.
         """
         self.check_length(input_ids.shape[1])
         embeds = self.embed(input_ids, roles, inputs_embeds)
-        shared = self.shared_prefix(input_ids, roles, phase) if inputs_embeds is None else 0
-        hidden = self._decode(embeds, roles, phase, shared)
-        first_cls = (roles == Role.CLS).float().argmax(dim=1)
-        cls_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_cls]
+        if segments is not None:
+            hidden = self._decode(embeds, roles, phase, 0, segments)
+            cls_hidden = hidden[roles == Role.CLS]
+        else:
+            shared = self.shared_prefix(input_ids, roles, phase) if inputs_embeds is None else 0
+            hidden = self._decode(embeds, roles, phase, shared)
+            first_cls = (roles == Role.CLS).float().argmax(dim=1)
+            cls_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_cls]
         out = ESSOutput(hidden_states=hidden, cls_logits=self.verdict_logits(cls_hidden))
         if lm_targets is None and cls_labels is None:
             return out
@@ -321,11 +328,14 @@ class ESSModel(nn.Module):
         attention = getattr(self.base_lm.config, "attention_dropout", 0.0) or 0.0
         return attention > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
 
-    def _decode(self, embeds: torch.Tensor, roles: torch.Tensor, phase: str, shared: int) -> torch.Tensor:
-        """Last hidden states [b, n, hidden] of the base decoder under the mask of `phase`; the
-        `shared` tokens after [CLS] run once, as one row whose keys and values every row reads."""
-        allowed = attention_allowed(roles, roles, phase)
-        positions = position_ids(roles)
+    def _decode(
+        self, embeds: torch.Tensor, roles: torch.Tensor, phase: str, shared: int, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last hidden states [b, n, hidden] of the base decoder under the mask of `phase` (and of
+        the `segments` of a packed batch); the `shared` tokens after [CLS] run once, as one row
+        whose keys and values every row reads."""
+        allowed = attention_allowed(roles, roles, phase, segments=segments)
+        positions = position_ids(roles, segments=segments)
         if not shared:
             mask = additive_mask(allowed, embeds.dtype)
             return self.decoder(

@@ -239,20 +239,31 @@ def _run_phase(
     _log(accelerator, f"{phase} phase: {len(items)} sequences{replay_note}, {total} steps of {per_step}")
     bar = tqdm(total=total, initial=start, desc=phase, unit="step", disable=not accelerator.is_local_main_process)
     log = (out / "train_log.jsonl").open("a") if accelerator.is_main_process else None
+    packed = config.pack and not is_baseline(config.method)  # a baseline's sequences have no [CLS] to open them
     step, started, tokens = start, time.time(), 0
     interrupted = _InterruptFlag()
     try:
         for step in range(start, total):
             replay, rows = schedule.rows(step, rank, batch_size)
             source, step_phase = (replay_items, Phase.PRETRAIN) if replay else (items, phase)
-            batch = encoder.collate([source[i] for i in rows]).to(accelerator.device)
+            sequences = [source[i] for i in rows]
+            batch = encoder.pack(sequences, config.max_length) if packed else encoder.collate(sequences)
+            batch = batch.to(accelerator.device)
             factor = lr_factor(step, total, config.warmup_ratio)
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * factor
             weight = lambda_align if replay else config.lambda_cls
             if is_baseline(config.method):
                 weight = 0.0  # no [CLS]: the head reads a text token and is not trained
-            output = ddp_model(batch.input_ids, batch.roles, step_phase, batch.lm_targets, batch.cls_labels, weight)
+            output = ddp_model(
+                batch.input_ids,
+                batch.roles,
+                step_phase,
+                batch.lm_targets,
+                batch.cls_labels,
+                weight,
+                segments=batch.segments,
+            )
             accelerator.backward(output.loss)
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()

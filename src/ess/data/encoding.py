@@ -46,9 +46,14 @@ class Batch:
     lm_targets: torch.Tensor
     """[b, n]: the token to predict at each position, -100 where there is no LM loss."""
     cls_labels: torch.Tensor
+    """[number of sequences]: the class of each, in the order of their [CLS] tokens."""
+    segments: torch.Tensor | None = None
+    """[b, n] of a packed batch (`ChatEncoder.pack`): the sequence of each token, numbered from 1;
+    0 the prefix they share, -1 padding."""
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.roles, self.lm_targets, self.cls_labels)))
+        moved = (self.input_ids, self.roles, self.lm_targets, self.cls_labels, self.segments)
+        return Batch(*(None if t is None else t.to(device) for t in moved))
 
 
 class ChatEncoder:
@@ -182,18 +187,67 @@ class ChatEncoder:
 
     def collate(self, items: list[Encoded]) -> Batch:
         """Right-pad a list of sequences into a batch (roles mark the padding)."""
-        width = max(len(item.ids) for item in items)
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        roles = torch.full((len(items), width), int(Role.PAD), dtype=torch.long)
-        lm_targets = torch.full((len(items), width), -100, dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item.ids)
-            input_ids[row, :n] = torch.tensor(item.ids)
-            roles[row, :n] = torch.tensor(item.roles)
-            target = torch.tensor(item.lm_target)
-            # The logits at position t predict token t+1.
-            lm_targets[row, : n - 1] = torch.where(
-                target[1:], input_ids[row, 1:n], torch.full_like(input_ids[row, 1:n], -100)
-            )
-        cls_labels = torch.tensor([item.label for item in items], dtype=torch.long)
-        return Batch(input_ids, roles, lm_targets, cls_labels)
+        rows = [(item.ids, item.roles, _targets(item)) for item in items]
+        return self._pad(rows, [item.label for item in items])
+
+    def pack(self, items: list[Encoded], row_length: int) -> Batch:
+        """The sequences of a training step laid end to end in rows of up to `row_length` tokens
+        (one sequence longer than that gets a row of its own), each row opening with the query
+        tokens that follow [CLS] in every sequence (a chat template's system turn), once.
+
+        The model computes on it what it computes on `collate`'s batch (`masks.attention_allowed`,
+        `masks.position_ids`), without the padding, and with the shared prefix read once per row.
+        Every sequence must open with [CLS]."""
+        if any(item.roles[0] != Role.CLS for item in items):
+            raise ValueError("pack: every sequence must open with [CLS]")
+        shared = _shared_query(items)
+        prefix = (items[0].ids[1 : 1 + shared], items[0].roles[1 : 1 + shared], [-100] * shared, [0] * shared)
+        rows: list[tuple[list[int], ...]] = []
+        for number, item in enumerate(items, start=1):
+            keep = [0, *range(1 + shared, len(item.ids))]  # [CLS], then what follows the prefix
+            targets = _targets(item)
+            piece = ([item.ids[i] for i in keep], [item.roles[i] for i in keep], [targets[i] for i in keep])
+            if not rows or len(rows[-1][0]) + len(keep) > row_length:
+                rows.append(tuple(list(part) for part in prefix))
+            for part, values in zip(rows[-1], (*piece, [number] * len(keep))):
+                part.extend(values)
+        return self._pad([row[:3] for row in rows], [item.label for item in items], [row[3] for row in rows])
+
+    def _pad(
+        self, rows: list[tuple[list[int], ...]], labels: list[int], segments: list[list[int]] | None = None
+    ) -> Batch:
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        roles = torch.full((len(rows), width), int(Role.PAD), dtype=torch.long)
+        lm_targets = torch.full((len(rows), width), -100, dtype=torch.long)
+        for row, (ids, row_roles, targets) in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            roles[row, : len(ids)] = torch.tensor(row_roles)
+            lm_targets[row, : len(ids)] = torch.tensor(targets)
+        batch = Batch(input_ids, roles, lm_targets, torch.tensor(labels, dtype=torch.long))
+        if segments is not None:
+            batch.segments = torch.full((len(rows), width), -1, dtype=torch.long)
+            for row, numbers in enumerate(segments):
+                batch.segments[row, : len(numbers)] = torch.tensor(numbers)
+        return batch
+
+
+def _targets(item: Encoded) -> list[int]:
+    """The token each position predicts (the logits at position t predict token t+1), -100 where
+    there is no LM loss."""
+    return [item.ids[t + 1] if item.lm_target[t + 1] else -100 for t in range(len(item.ids) - 1)] + [-100]
+
+
+def _shared_query(items: list[Encoded]) -> int:
+    """How many query tokens right after [CLS] all sequences share, short of the last query token
+    of each, so that every position with an LM target stays in its own sequence."""
+    if len(items) < 2:
+        return 0
+    shared = 0
+    first = items[0]
+    limit = min(item.roles.count(int(Role.QUERY)) for item in items) - 1
+    while shared < limit and all(
+        item.ids[1 + shared] == first.ids[1 + shared] and item.roles[1 + shared] == Role.QUERY for item in items
+    ):
+        shared += 1
+    return shared
