@@ -316,7 +316,7 @@ class ESSModel(nn.Module):
         of the 86 tokens of an average alignment row of the default model)."""
         if not self.share_prefix or input_ids.shape[0] < 2 or not bool((roles[:, 0] == Role.CLS).all()):
             return 0
-        if self.training and (self._has_dropout() or getattr(self.decoder, "gradient_checkpointing", False)):
+        if self.training and (self.has_dropout() or getattr(self.decoder, "gradient_checkpointing", False)):
             return 0
         text = roles[0, 1:] == Role.QUERY
         if phase == Phase.PRETRAIN:  # nobody reads [CLS] in the pretraining phase
@@ -324,7 +324,8 @@ class ESSModel(nn.Module):
         same = (input_ids[:, 1:] == input_ids[:1, 1:]).all(0) & (roles[:, 1:] == roles[:1, 1:]).all(0) & text
         return int(same.long().cumprod(0).sum())
 
-    def _has_dropout(self) -> bool:
+    def has_dropout(self) -> bool:
+        """Whether training draws dropout masks (attention or any dropout module)."""
         attention = getattr(self.base_lm.config, "attention_dropout", 0.0) or 0.0
         return attention > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
 

@@ -63,9 +63,9 @@ class QuickstartConfig:
 
 
 # Seconds of stages 1-4 from a fresh $ESS_HOME on the slowest 2-core CPU measured (fp32, no native
-# bf16; docs/experiments.md, 27c523d); the overall ETA scales them by how fast this machine ran the
+# bf16; docs/experiments.md, 663cfdc); the overall ETA scales them by how fast this machine ran the
 # finished stages.
-STAGE_SECONDS = (38, 1523, 583, 104)
+STAGE_SECONDS = (45, 1161, 537, 123)
 
 
 class _Clock:

@@ -240,6 +240,7 @@ def _run_phase(
     bar = tqdm(total=total, initial=start, desc=phase, unit="step", disable=not accelerator.is_local_main_process)
     log = (out / "train_log.jsonl").open("a") if accelerator.is_main_process else None
     packed = config.pack and not is_baseline(config.method)  # a baseline's sequences have no [CLS] to open them
+    share_prefix = not model.has_dropout()  # each sequence draws its own dropout masks
     step, started, tokens = start, time.time(), 0
     interrupted = _InterruptFlag()
     try:
@@ -247,7 +248,10 @@ def _run_phase(
             replay, rows = schedule.rows(step, rank, batch_size)
             source, step_phase = (replay_items, Phase.PRETRAIN) if replay else (items, phase)
             sequences = [source[i] for i in rows]
-            batch = encoder.pack(sequences, config.max_length) if packed else encoder.collate(sequences)
+            if packed:
+                batch = encoder.pack(sequences, config.max_length, share_prefix)
+            else:
+                batch = encoder.collate(sequences)
             batch = batch.to(accelerator.device)
             factor = lr_factor(step, total, config.warmup_ratio)
             for group, lr in zip(optimizer.param_groups, peak):

@@ -190,17 +190,18 @@ class ChatEncoder:
         rows = [(item.ids, item.roles, _targets(item)) for item in items]
         return self._pad(rows, [item.label for item in items])
 
-    def pack(self, items: list[Encoded], row_length: int) -> Batch:
+    def pack(self, items: list[Encoded], row_length: int, share_prefix: bool = True) -> Batch:
         """The sequences of a training step laid end to end in rows of up to `row_length` tokens
         (one sequence longer than that gets a row of its own), each row opening with the query
-        tokens that follow [CLS] in every sequence (a chat template's system turn), once.
+        tokens that follow [CLS] in every sequence (a chat template's system turn), once; not with
+        `share_prefix` off (where dropout is on, each sequence must draw its own masks).
 
         The model computes on it what it computes on `collate`'s batch (`masks.attention_allowed`,
         `masks.position_ids`), without the padding, and with the shared prefix read once per row.
         Every sequence must open with [CLS]."""
         if any(item.roles[0] != Role.CLS for item in items):
             raise ValueError("pack: every sequence must open with [CLS]")
-        shared = _shared_query(items)
+        shared = _shared_query(items) if share_prefix else 0
         prefix = (items[0].ids[1 : 1 + shared], items[0].roles[1 : 1 + shared], [-100] * shared, [0] * shared)
         rows: list[tuple[list[int], ...]] = []
         for number, item in enumerate(items, start=1):
