@@ -191,11 +191,14 @@ def test_a_packed_batch_has_the_losses_verdicts_and_gradients_of_the_padded_one(
         return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     every, every_grads = run(padded)
-    # One row; several rows, each with its own copy of the prefix; one row with the prefix in every sequence.
-    for row_length, share in ((10_000, True), (40, True), (10_000, False)):
+    # One row; rows of one or two sequences, each row with its own copy of the prefix; one row with
+    # the prefix in every sequence.
+    for row_length, share in ((10_000, True), (90, True), (10_000, False)):
         packed = encoder.pack(items, row_length, share)
         rows = packed.input_ids.shape[0]
         assert (rows == 1) == (row_length == 10_000)
+        segments_per_row = [len(set(row.tolist()) - {0, -1}) for row in packed.segments]
+        assert max(segments_per_row) > 1 and sum(segments_per_row) == len(items)
         assert packed.segments.max() == len(items) and packed.cls_labels.tolist() == padded.cls_labels.tolist()
         shared = system_turn if phase == Phase.ALIGN and share else 0
         assert (

@@ -89,6 +89,39 @@ def test_changed_flags_on_the_same_out_are_refused(tiny_llama, tmp_path, run_ess
     assert code == 2 and "max_steps differ" in stderr
 
 
+def test_packed_and_padded_steps_train_the_same_model(tiny_llama, tmp_path, run_ess, monkeypatch):
+    """`--no-pack` pads each sequence to a row of its own; the losses and the trained weights are
+    those of the packed steps. A run begun before --pack existed resumes."""
+    from ess.data.encoding import ChatEncoder
+
+    packed_steps = []
+    pack = ChatEncoder.pack
+    monkeypatch.setattr(ChatEncoder, "pack", lambda self, *a, **k: packed_steps.append(1) or pack(self, *a, **k))
+    logs, packed_by_layout = {}, {}
+    for layout in ("packed", "padded"):
+        out = tmp_path / layout
+        extra = ("--no-pack",) if layout == "padded" else ()
+        assert run_ess(_train_args(tiny_llama, out, "--max-steps", "3", *extra))[0] == 0
+        logs[layout] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        packed_by_layout[layout] = len(packed_steps)
+        packed_steps.clear()
+    assert packed_by_layout == {"packed": 6, "padded": 0}  # both phases, 3 steps each
+    assert len(logs["packed"]) == len(logs["padded"]) == 6
+    for packed, padded in zip(logs["packed"], logs["padded"]):
+        for key in ("loss", "lm_loss", "cls_loss"):
+            assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5)
+    a, b = _weights(tmp_path / "packed" / "final"), _weights(tmp_path / "padded" / "final")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5, msg=name)
+
+    out = tmp_path / "packed"
+    (out / "final").rename(out / "moved")
+    settings = json.loads((out / "train_config.json").read_text())
+    del settings["pack"]
+    (out / "train_config.json").write_text(json.dumps(settings))
+    assert run_ess(_train_args(tiny_llama, out, "--max-steps", "3"))[0] == 0
+
+
 def test_two_processes_with_accelerate(tiny_llama, tmp_path):
     out = tmp_path / "ddp"
     command = [

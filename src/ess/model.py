@@ -40,7 +40,7 @@ class ESSOutput:
     hidden_states: torch.Tensor
     """Last hidden states [b, n, hidden] (after the base's final norm)."""
     cls_logits: torch.Tensor
-    """Head logits [b, 2] of the first [CLS] of each row (of each [CLS] of a packed batch)."""
+    """Head logits [b, 2] of the first [CLS] of each row; [sequences, 2], one per [CLS], for a packed batch."""
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     cls_loss: torch.Tensor | None = None

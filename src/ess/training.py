@@ -41,7 +41,7 @@ from .data.recovery import baseline_items
 from .data.schema import LABELS
 from .fields import check
 from .generation import Policy
-from .masks import Phase, Role
+from .masks import Phase
 from .model import CONFIG_FILE, ESSModel
 from .precision import PrecisionError, accelerate_mode, check_master_weights, resolve, weight_dtype
 from .schedule import Schedule, lr_factor
@@ -138,6 +138,7 @@ def _check_same_run(out: Path, config: TrainConfig, base: str, accelerator) -> N
     if path.exists():
         saved = json.loads(path.read_text())
         saved.setdefault("method", "ess")  # runs from before --method
+        saved.setdefault("pack", settings["pack"])  # runs from before --pack: the layout changes no loss
         changed = sorted(k for k in settings if saved.get(k) != settings[k])
         if changed:
             raise TrainingError(
@@ -241,6 +242,7 @@ def _run_phase(
     log = (out / "train_log.jsonl").open("a") if accelerator.is_main_process else None
     packed = config.pack and not is_baseline(config.method)  # a baseline's sequences have no [CLS] to open them
     share_prefix = not model.has_dropout()  # each sequence draws its own dropout masks
+    row_length = min(n for n in (config.max_length, model.context_limit[0]) if n is not None)
     step, started, tokens = start, time.time(), 0
     interrupted = _InterruptFlag()
     try:
@@ -249,7 +251,7 @@ def _run_phase(
             source, step_phase = (replay_items, Phase.PRETRAIN) if replay else (items, phase)
             sequences = [source[i] for i in rows]
             if packed:
-                batch = encoder.pack(sequences, config.max_length, share_prefix)
+                batch = encoder.pack(sequences, row_length, share_prefix)
             else:
                 batch = encoder.collate(sequences)
             batch = batch.to(accelerator.device)
@@ -276,7 +278,7 @@ def _run_phase(
             accuracy = (output.cls_logits.argmax(-1) == batch.cls_labels).float().mean()
             metrics = torch.stack([output.loss.detach(), output.lm_loss.detach(), output.cls_loss.detach(), accuracy])
             loss, lm_loss, cls_loss, acc = accelerator.reduce(metrics, reduction="mean").tolist()
-            tokens += int((batch.roles != Role.PAD).sum()) * world
+            tokens += sum(len(sequence.ids) for sequence in sequences) * world
             rate = tokens / max(1e-9, time.time() - started)
             bar.set_postfix(loss=f"{loss:.3f}", cls=f"{cls_loss:.3f}", acc=f"{acc:.2f}", tok_s=f"{rate:.0f}")
             bar.update(1)

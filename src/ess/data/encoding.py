@@ -9,6 +9,7 @@ included, so that the model learns to stop). Plain text (the pretraining phase) 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -202,21 +203,21 @@ class ChatEncoder:
         if any(item.roles[0] != Role.CLS for item in items):
             raise ValueError("pack: every sequence must open with [CLS]")
         shared = _shared_query(items) if share_prefix else 0
-        prefix = (items[0].ids[1 : 1 + shared], items[0].roles[1 : 1 + shared], [-100] * shared, [0] * shared)
-        rows: list[tuple[list[int], ...]] = []
+        prefix = [
+            (token, role, -100, 0) for token, role in zip(items[0].ids[1 : 1 + shared], items[0].roles[1 : 1 + shared])
+        ]
+        rows: list[list[tuple[int, int, int, int]]] = []
         for number, item in enumerate(items, start=1):
-            keep = [0, *range(1 + shared, len(item.ids))]  # [CLS], then what follows the prefix
-            targets = _targets(item)
-            piece = ([item.ids[i] for i in keep], [item.roles[i] for i in keep], [targets[i] for i in keep])
-            if not rows or len(rows[-1][0]) + len(keep) > row_length:
-                rows.append(tuple(list(part) for part in prefix))
-            for part, values in zip(rows[-1], (*piece, [number] * len(keep))):
-                part.extend(values)
-        return self._pad([row[:3] for row in rows], [item.label for item in items], [row[3] for row in rows])
+            tokens = list(zip(item.ids, item.roles, _targets(item), [number] * len(item.ids)))
+            piece = tokens[:1] + tokens[1 + shared :]  # [CLS], then what follows the prefix
+            if not rows or len(rows[-1]) + len(piece) > row_length:
+                rows.append(list(prefix))
+            rows[-1].extend(piece)
+        columns = [[list(column) for column in zip(*row)] for row in rows]
+        return self._pad([row[:3] for row in columns], [item.label for item in items], [row[3] for row in columns])
 
-    def _pad(
-        self, rows: list[tuple[list[int], ...]], labels: list[int], segments: list[list[int]] | None = None
-    ) -> Batch:
+    def _pad(self, rows: list[list[list[int]]], labels: list[int], segments: list[list[int]] | None = None) -> Batch:
+        """Rows of (ids, roles, LM targets), right-padded into a batch; `segments` those of a packed one."""
         width = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         roles = torch.full((len(rows), width), int(Role.PAD), dtype=torch.long)
@@ -240,15 +241,16 @@ def _targets(item: Encoded) -> list[int]:
 
 
 def _shared_query(items: list[Encoded]) -> int:
-    """How many query tokens right after [CLS] all sequences share, short of the last query token
-    of each, so that every position with an LM target stays in its own sequence."""
+    """How many tokens right after [CLS] all sequences share: query tokens (which read no [CLS])
+    up to the first position with an LM target, so that every target stays in its own sequence."""
     if len(items) < 2:
         return 0
-    shared = 0
-    first = items[0]
-    limit = min(item.roles.count(int(Role.QUERY)) for item in items) - 1
-    while shared < limit and all(
-        item.ids[1 + shared] == first.ids[1 + shared] and item.roles[1 + shared] == Role.QUERY for item in items
-    ):
-        shared += 1
-    return shared
+
+    def shareable(item: Encoded) -> list[int]:
+        targets = _targets(item)
+        count = 1
+        while count < len(item.ids) and item.roles[count] == Role.QUERY and targets[count] == -100:
+            count += 1
+        return item.ids[1:count]
+
+    return len(os.path.commonprefix([shareable(item) for item in items]))
