@@ -53,7 +53,7 @@ class CalibrationConfig:
         max=1,
     )
     max_new_tokens: int = option("tokens of each calibration answer", 64, min=1)
-    batch_size: int = option("answers generated together", 32, min=1)
+    batch_size: int = option("answers generated together", 64, min=1)
 
     def __post_init__(self):
         check(self, CalibrationError)

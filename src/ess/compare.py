@@ -97,7 +97,7 @@ def run_compare(config: CompareConfig) -> dict:
             benign_limit=config.benign_limit,
             max_new_tokens=config.max_new_tokens,
             seed=config.seed,
-            batch_size=32,
+            batch_size=64,
             probe_limit=0,
         )
     )

@@ -63,9 +63,9 @@ class QuickstartConfig:
 
 
 # Seconds of stages 1-4 from a fresh $ESS_HOME on the slowest 2-core CPU measured (fp32, no native
-# bf16; docs/experiments.md, 663cfdc); the overall ETA scales them by how fast this machine ran the
+# bf16; docs/experiments.md, 2026-12-08); the overall ETA scales them by how fast this machine ran the
 # finished stages.
-STAGE_SECONDS = (45, 1161, 537, 123)
+STAGE_SECONDS = (45, 1155, 426, 110)
 
 
 class _Clock:
@@ -129,7 +129,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         limit=config.limit,
         benign_limit=config.benign_limit,
         max_new_tokens=config.max_new_tokens,
-        batch_size=32,
+        batch_size=64,
         report=False,
     )
     result = run_eval(eval_config)
