@@ -156,7 +156,7 @@ def test_shared_prefix_runs_once_with_the_losses_and_gradients_of_every_row(tiny
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-4, rtol=1e-3)
 
 
-def _mixed_items(encoder: ChatEncoder) -> list:
+def _mixed_items(encoder: ChatEncoder) -> list[Encoded]:
     """Sequences of every kind a training step packs: chat examples of both classes, a query-only
     row, an answer-start row and pretraining windows."""
     return [
