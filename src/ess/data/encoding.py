@@ -202,13 +202,14 @@ class ChatEncoder:
         Every sequence must open with [CLS]."""
         if any(item.roles[0] != Role.CLS for item in items):
             raise ValueError("pack: every sequence must open with [CLS]")
-        shared = _shared_query(items) if share_prefix else 0
+        targets = [_targets(item) for item in items]
+        shared = _shared_query(items, targets) if share_prefix else 0
         prefix = [
             (token, role, -100, 0) for token, role in zip(items[0].ids[1 : 1 + shared], items[0].roles[1 : 1 + shared])
         ]
         rows: list[list[tuple[int, int, int, int]]] = []
-        for number, item in enumerate(items, start=1):
-            tokens = list(zip(item.ids, item.roles, _targets(item), [number] * len(item.ids)))
+        for number, (item, item_targets) in enumerate(zip(items, targets), start=1):
+            tokens = list(zip(item.ids, item.roles, item_targets, [number] * len(item.ids)))
             piece = tokens[:1] + tokens[1 + shared :]  # [CLS], then what follows the prefix
             if not rows or len(rows[-1]) + len(piece) > row_length:
                 rows.append(list(prefix))
@@ -240,17 +241,17 @@ def _targets(item: Encoded) -> list[int]:
     return [item.ids[t + 1] if item.lm_target[t + 1] else -100 for t in range(len(item.ids) - 1)] + [-100]
 
 
-def _shared_query(items: list[Encoded]) -> int:
+def _shared_query(items: list[Encoded], targets: list[list[int]]) -> int:
     """How many tokens right after [CLS] all sequences share: query tokens (which read no [CLS])
-    up to the first position with an LM target, so that every target stays in its own sequence."""
+    up to the first position with an LM target (`targets`: `_targets` of each sequence), so that
+    every target stays in its own sequence."""
     if len(items) < 2:
         return 0
 
-    def shareable(item: Encoded) -> list[int]:
-        targets = _targets(item)
+    def shareable(item: Encoded, item_targets: list[int]) -> list[int]:
         count = 1
-        while count < len(item.ids) and item.roles[count] == Role.QUERY and targets[count] == -100:
+        while count < len(item.ids) and item.roles[count] == Role.QUERY and item_targets[count] == -100:
             count += 1
         return item.ids[1:count]
 
-    return len(os.path.commonprefix([shareable(item) for item in items]))
+    return len(os.path.commonprefix([shareable(item, t) for item, t in zip(items, targets)]))
